@@ -1,0 +1,32 @@
+"""Model construction from a config."""
+import jax
+import jax.numpy as jnp
+
+from fdiff_jax.models.unet import PRESETS, UNet, count_params
+
+
+def build_model(model_config, num_attributes):
+  """The U-Net for `config.model`; `num_attributes` comes from the dataset."""
+  m = model_config
+  return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+              attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
+              dropout=m.dropout, num_attributes=num_attributes if m.conditional else 0,
+              dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
+
+
+def init_params(model, rng, image_shape, batch=1, out_sharding=None):
+  """Initial parameters of `model` for images of `image_shape` (H, W, C).
+
+  Compiled without backend optimisation: it runs once, and XLA otherwise
+  spends several seconds optimising the initialisers' random number code.
+  """
+  def init():
+    x = jnp.zeros((batch,) + tuple(image_shape), jnp.float32)
+    a = jnp.zeros((batch, model.num_attributes), jnp.float32) if model.num_attributes else None
+    return model.init(rng, x, jnp.zeros((batch,), jnp.int32), a)['params']
+  compiled = jax.jit(init, out_shardings=out_sharding).lower().compile(
+      compiler_options={'xla_backend_optimization_level': 0})
+  return compiled()
+
+
+__all__ = ['PRESETS', 'UNet', 'build_model', 'count_params', 'init_params']

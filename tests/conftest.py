@@ -1,0 +1,9 @@
+"""Test setup: run JAX on CPU so the suite behaves the same on every machine."""
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# Tests import `configs.*` from the repository root, also under plain `pytest`.
+import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

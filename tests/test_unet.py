@@ -1,0 +1,96 @@
+"""U-Net: shapes, the unconditional input, attribute interpolation, presets' sizes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdiff_jax.models import PRESETS, UNet, count_params, init_params
+from fdiff_jax.models.unet import AttributeEmbedding
+
+TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, dropout=0.0)
+
+
+def _perturbed(params, seed):
+  """Zero-initialised layers make a fresh U-Net output 0; perturb so outputs differ."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32), params)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  model = UNet(num_attributes=5, **TINY)
+  x = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+  t = jnp.array([0, 10, 99])
+  params = init_params(model, jax.random.key(0), (16, 16, 3))
+  return model, _perturbed(params, 2), x, t
+
+
+def test_output_shape_equals_input_shape(tiny):
+  model, params, x, t = tiny
+  out = jax.jit(model.apply)({'params': params}, x, t, jnp.ones((3, 5)))
+  assert out.shape == x.shape and out.dtype == jnp.float32
+
+
+def test_zero_attributes_equal_unconditional_call(tiny):
+  model, params, x, t = tiny
+  apply = jax.jit(model.apply)
+  zeros = apply({'params': params}, x, t, jnp.zeros((3, 5)))
+  none = apply({'params': params}, x, t, None)
+  cond = apply({'params': params}, x, t, jnp.array([[1., -1, 0, 0, 1]] * 3))
+  np.testing.assert_array_equal(zeros, none)
+  assert float(jnp.abs(cond - zeros).max()) > 1e-3   # attributes do change the output
+
+
+def test_attribute_embedding_is_linear_between_values():
+  e = AttributeEmbedding(5, 8)
+  p = _perturbed(e.init(jax.random.key(3), jnp.zeros((1, 5)))['params'], 4)
+  f = lambda a: e.apply({'params': p}, jnp.asarray([a], jnp.float32))[0]
+  one = jnp.array([1., 0, 0, 0, 0])
+  np.testing.assert_allclose(f(0.5 * one), 0.5 * f(one), rtol=1e-6)
+  np.testing.assert_allclose(f(-0.25 * one), 0.25 * f(-one), rtol=1e-6)
+  np.testing.assert_array_equal(f(jnp.zeros(5)), jnp.zeros(8))
+  assert float(jnp.abs(f(one) + f(-one)).max()) > 1e-4   # present and absent are distinct vectors
+
+
+def test_unconditional_model_has_no_attribute_input():
+  model = UNet(num_attributes=0, **TINY)
+  x = jnp.zeros((2, 16, 16, 1))
+  params = jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((2,), jnp.int32))['params']
+  assert not any('AttributeEmbedding' in k for k in params)
+  assert jax.eval_shape(model.apply, {'params': params}, x, jnp.zeros((2,), jnp.int32)).shape == x.shape
+  with pytest.raises(ValueError, match='unconditional'):
+    jax.eval_shape(model.apply, {'params': params}, x, jnp.zeros((2,), jnp.int32), jnp.ones((2, 3)))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+  model = UNet(num_attributes=2, dtype=jnp.bfloat16, **TINY)
+  x = jnp.zeros((1, 16, 16, 3))
+  params = jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 2)))['params']
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  assert jax.eval_shape(model.apply, {'params': params}, x, jnp.zeros((1,)), jnp.ones((1, 2))).dtype == jnp.float32
+
+
+def _preset_params(name, num_attributes=40):
+  model = UNet(num_attributes=num_attributes, **PRESETS[name])
+  x = jnp.zeros((1, 64, 64, 3))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, num_attributes))))
+  return model, count_params(shapes['params'])
+
+
+def test_original_preset_parameter_count_within_15_percent_of_1_38M():
+  _, n = _preset_params('original')
+  assert abs(n - 1.38e6) / 1.38e6 < 0.15, n
+
+
+def test_celeba64_preset_parameter_count_about_35_to_40M():
+  _, n = _preset_params('celeba64')
+  assert 30e6 < n < 45e6, n
+
+
+@pytest.mark.parametrize('name', sorted(PRESETS))
+def test_presets_map_64x64_to_64x64(name):
+  model, _ = _preset_params(name)
+  x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  out = jax.eval_shape(lambda x: model.init_with_output(
+      jax.random.key(0), x, jnp.zeros((2,)), jnp.zeros((2, 40)))[0], x)
+  assert out.shape == (2, 64, 64, 3)
