@@ -1,0 +1,87 @@
+"""Load an ml_collections config file and apply `--config.a.b=value` overrides."""
+import ast
+import difflib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from fdiff_jax.errors import UserError
+
+
+def load_config_file(path):
+  """Runs `get_config()` of the Python file at `path`."""
+  if not os.path.isfile(path):
+    raise UserError(f'config file {path!r} not found; pass e.g. --config configs/digits.py')
+  spec = importlib.util.spec_from_file_location('_fdiff_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise UserError(f'config file {path!r} defines no get_config()')
+  return module.get_config()
+
+
+def _parse_value(text, old):
+  if isinstance(old, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if isinstance(old, bool) and text.lower() in ('true', 'false'):
+      return text.lower() == 'true'
+    raise UserError(f'cannot parse {text!r} as a {type(old).__name__}') from None
+  if isinstance(old, bool) and not isinstance(value, bool):
+    raise UserError(f'expected True or False, got {text!r}')
+  if isinstance(old, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(old, (tuple, list)) and not isinstance(value, (tuple, list)):
+    value = (value,)
+  if isinstance(old, tuple):
+    value = tuple(value)
+  return value
+
+
+def apply_override(config, dotted_key, text):
+  """Sets config[a][b] = parsed text; unknown keys name the closest valid ones."""
+  *parents, leaf = dotted_key.split('.')
+  node = config
+  for i, name in enumerate(parents + [leaf]):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      where = '.'.join(parents[:i]) or 'config'
+      valid = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(name, valid, n=3)
+      hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
+      raise UserError(f'unknown config key {dotted_key!r} ({name!r} not in {where}){hint}')
+    if name != leaf:
+      node = node[name]
+  try:
+    node[leaf] = _parse_value(text, node[leaf])
+  except UserError as e:
+    raise UserError(f'--config.{dotted_key}: {e}') from None
+
+
+def load_config(path, overrides=()):
+  """Config from a file plus ['a.b=value', ...] overrides."""
+  config = load_config_file(path)
+  for item in overrides:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise UserError(f'override {item!r} needs the form --config.a.b=value')
+    apply_override(config, key, value)
+  return config
+
+
+def config_to_json(config):
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def config_from_json(text):
+  """Inverse of config_to_json (lists become tuples again, as configs use them)."""
+  def tuples(obj):
+    if isinstance(obj, dict):
+      return {k: tuples(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+      return tuple(tuples(v) for v in obj)
+    return obj
+  return ml_collections.ConfigDict(tuples(json.loads(text)))

@@ -1,0 +1,48 @@
+"""Image file boundaries: [-1, 1] float arrays <-> uint8, grids, PNG and GIF."""
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images):
+  """[-1, 1] float -> uint8, rounding to nearest."""
+  images = np.asarray(images, dtype=np.float32)
+  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def make_grid(images, rows, pad=2):
+  """[N, H, W, C] uint8 (N = rows * cols) -> one [H', W', C] image with padding."""
+  n, h, w, c = images.shape
+  cols = -(-n // rows)
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
+  return grid
+
+
+def _pil(image):
+  image = np.asarray(image)
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def save_png(path, image, scale=1):
+  """Writes an HWC uint8 image; `scale` enlarges small images (nearest)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  img = _pil(image)
+  if scale != 1:
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  tmp = path + '.tmp.png'
+  img.save(tmp)
+  os.replace(tmp, path)   # never leave a half-written image behind
+
+
+def save_gif(path, frames, duration_ms=120, scale=1):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  imgs = [_pil(f) for f in frames]
+  if scale != 1:
+    imgs = [i.resize((i.width * scale, i.height * scale), Image.NEAREST) for i in imgs]
+  tmp = path + '.tmp.gif'
+  imgs[0].save(tmp, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0)
+  os.replace(tmp, path)

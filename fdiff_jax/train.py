@@ -1,0 +1,189 @@
+"""Data-parallel training: the train step and `train_and_evaluate(config, workdir)`.
+
+Reads top to bottom: model and state, the jitted step, then the loop with
+orbax checkpoints (exact resume, SIGTERM), clu reporting and sample grids.
+"""
+import functools
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from fdiff_jax import checkpoints, diffusion, images, parallel, sampling
+from fdiff_jax.data import attributes as attributes_lib
+from fdiff_jax.data import pipeline
+from fdiff_jax.errors import UserError
+from fdiff_jax.models import build_model, init_params
+from fdiff_jax.train_state import (TrainState, create_train_state, ema_decay,
+                                   learning_rate_schedule, make_optimizer)
+
+
+class TrainingDiverged(UserError):
+  """The loss became NaN or Inf."""
+
+
+def init_state(config, model, tx, mesh):
+  """Parameters initialised from the seed and the optimizer state, replicated over the mesh."""
+  params = init_params(model, jax.random.key(config.seed), pipeline.image_shape(config),
+                       out_sharding=parallel.replicated(mesh))
+  return jax.jit(lambda p: create_train_state(p, tx), out_shardings=parallel.replicated(mesh))(params)
+
+
+def seed_keys(config):
+  """Independent key streams derived from the one seed in the config."""
+  train_key, grid_key = jax.random.split(jax.random.key(config.seed))
+  return {'train': train_key, 'grid': grid_key}
+
+
+def train_step(state, batch, *, model, tx, schedule, config):
+  """One optimizer step on a global batch; randomness from fold_in(seed, step)."""
+  key = jax.random.fold_in(seed_keys(config)['train'], state.step)
+  loss_key, dropout_key = jax.random.split(key)
+  attrs = batch['attributes'] if config.model.conditional else None
+
+  def loss_fn(params):
+    model_fn = lambda x, t, a: model.apply({'params': params}, x, t, a, train=True,
+                                           rngs={'dropout': dropout_key})
+    d = config.diffusion
+    return diffusion.diffusion_loss(model_fn, schedule, batch['image'], attrs, loss_key,
+                                    prediction=d.prediction, min_snr_gamma=d.min_snr_gamma,
+                                    p_uncond=d.p_uncond, p_attr_drop=d.p_attr_drop)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = ema_decay(config.train, state.step)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+             'learning_rate': learning_rate_schedule(config.train)(state.step)}
+  return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+
+def grid_attributes(config, names):
+  """The fixed attribute rows of training-time sample grids ('' = unconditional)."""
+  prompts = tuple(config.sample.grid_prompts) if config.model.conditional else ('',)
+  rows = np.stack([attributes_lib.parse_attributes(p, names) for p in prompts])
+  return np.repeat(rows, config.sample.grid_size, axis=0), len(prompts)
+
+
+def write_sample_grid(config, model, state, names, mesh, writer, workdir, sample_fn):
+  """Samples the grid from the EMA params with fixed noise; PNG + TensorBoard."""
+  attrs, rows = grid_attributes(config, names)
+  shape = (attrs.shape[0],) + pipeline.image_shape(config)
+  noise_key, sample_key = jax.random.split(seed_keys(config)['grid'])
+  put = lambda x: jax.device_put(x, parallel.replicated(mesh))
+  x_T = put(jax.random.normal(noise_key, shape))
+  samples = sample_fn(state.ema_params, x_T, put(jnp.asarray(attrs)), sample_key,
+                      float(config.sample.guidance))
+  grid = images.make_grid(images.to_uint8(jax.device_get(samples)), rows)
+  step = int(state.step)
+  if parallel.is_main_process():
+    images.save_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid,
+                    scale=max(1, 128 // shape[1]))
+    writer.write_images(step, {'samples': grid[None]})
+
+
+class _SigtermFlag:
+  """Remembers a SIGTERM so the loop can checkpoint and exit cleanly."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      self.raised = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # Not the main thread: no handler.
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(pending, last_saved):
+  for step, m in pending:
+    if not np.isfinite(m['loss']):
+      raise TrainingDiverged(
+          f'loss is {m["loss"]} at step {step}; stopped. The last good checkpoint '
+          f'(step {last_saved}) is intact; lower --config.train.learning_rate or '
+          'check the data')
+
+
+def train_and_evaluate(config, workdir, mesh=None):
+  """Trains (or resumes) in `workdir`; returns the logged metrics as a list of dicts.
+
+  `mesh` defaults to every device of every process.
+  """
+  mesh = parallel.create_mesh() if mesh is None else mesh
+  parallel.check_global_batch(config.train.batch_size, mesh)
+  names = pipeline.attribute_names(config)
+  model = build_model(config.model, len(names))
+  tx = make_optimizer(config.train)
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+  main = parallel.is_main_process()
+
+  state = init_state(config, model, tx, mesh)
+  manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+  if manager.latest_step() is not None:
+    state = checkpoints.restore(manager, checkpoints.abstract_like(state, parallel.replicated(mesh)))
+    logging.info('Resumed from step %d', int(state.step))
+  if main:
+    checkpoints.save_config(workdir, config)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not main)
+  start = int(state.step)
+  if start == 0 and main:
+    parameter_overview.log_parameter_overview(state.params)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+      donate_argnums=0)
+  sample_fn = sampling.make_sample_fn(model, config)
+  num_steps = config.train.num_steps
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  batches = pipeline.create_train_iterator(config, start_step=start)
+
+  history, pending, last_saved = [], [], manager.latest_step()
+  tick, tick_step = time.perf_counter(), start
+  with _SigtermFlag() as sigterm:
+    for step in range(start + 1, num_steps + 1):
+      batch = parallel.global_batch(next(batches), mesh)
+      state, metrics = step_fn(state, batch)
+      pending.append((step, metrics))
+      report(step)
+      log_now = step % config.train.log_every == 0 or step == num_steps
+      save_now = step % config.train.checkpoint_every == 0 or step == num_steps or sigterm.raised
+      if log_now or save_now:
+        pending = [(s, jax.device_get(m)) for s, m in pending]
+        _check_finite(pending, last_saved)
+      if log_now:
+        now = time.perf_counter()
+        summary = {k: float(np.mean([m[k] for _, m in pending])) for k in pending[0][1]}
+        summary['steps_per_sec'] = (step - tick_step) / (now - tick)
+        tick, tick_step = now, step
+        writer.write_scalars(step, summary)
+        history.append({'step': step, **summary})
+        pending = []
+      if save_now:
+        checkpoints.save(manager, step, state)
+        last_saved = step
+      if step % config.train.sample_every == 0 or step == num_steps:
+        write_sample_grid(config, model, state, names, mesh, writer, workdir, sample_fn)
+      if sigterm.raised:
+        logging.warning('SIGTERM: saved a checkpoint at step %d and stopped', step)
+        break
+  manager.wait_until_finished()
+  manager.close()
+  writer.flush()
+  return history

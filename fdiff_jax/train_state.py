@@ -1,0 +1,50 @@
+"""Training state (step, params, EMA params, optimizer state) and the optimizer."""
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(train_config):
+  """Linear warm-up, then constant or cosine decay to zero at num_steps."""
+  warmup = max(int(train_config.warmup_steps), 1)
+  peak = train_config.learning_rate
+  if train_config.lr_schedule == 'constant':
+    decay = optax.constant_schedule(peak)
+  elif train_config.lr_schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, max(train_config.num_steps - warmup, 1))
+  else:
+    raise ValueError(f'unknown lr_schedule {train_config.lr_schedule!r} (constant | cosine)')
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(train_config):
+  """AdamW with global-norm gradient clipping."""
+  return optax.chain(
+      optax.clip_by_global_norm(train_config.grad_clip),
+      optax.adamw(learning_rate_schedule(train_config), b1=0.9, b2=0.999,
+                  weight_decay=train_config.weight_decay))
+
+
+def ema_decay(train_config, step):
+  """EMA decay, optionally warmed up as min(decay, (1 + step) / (10 + step))."""
+  decay = jnp.asarray(train_config.ema_decay, jnp.float32)
+  if train_config.ema_warmup:
+    step = jnp.asarray(step, jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return decay
+
+
+def create_train_state(params, tx):
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))

@@ -1,0 +1,203 @@
+"""The real training loop on a tiny synthetic CelebA through the real TFDS builder."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from fdiff_jax import checkpoints, cli, config_utils, diffusion, parallel, train
+from fdiff_jax.data import pipeline
+from fdiff_jax.data.synth_celeba import write_synthetic_celeba
+from fdiff_jax.models import build_model
+from fdiff_jax.train_state import make_optimizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def celeba_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('celeba')
+  write_synthetic_celeba(str(root / 'files'), num=60, seed=0)
+  return str(root / 'files'), str(root / 'tfds')
+
+
+def make_config(celeba_dirs, **train_overrides):
+  config = test_config.get_config()
+  config.data.manual_dir, config.data.data_dir = celeba_dirs
+  config.train.update(train_overrides)
+  return config
+
+
+def final_params(workdir, config):
+  """EMA-free parameters of the latest checkpoint, as numpy."""
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  model = build_model(config.model, len(pipeline.attribute_names(config)))
+  tx = make_optimizer(config.train)
+  state = train.init_state(config, model, tx, mesh)
+  manager = checkpoints.checkpoint_manager(workdir)
+  restored = checkpoints.restore(manager, checkpoints.abstract_like(state, parallel.replicated(mesh)))
+  manager.close()
+  return int(restored.step), jax.device_get(restored.params), jax.device_get(restored.ema_params)
+
+
+@pytest.fixture(scope='module')
+def straight_run(celeba_dirs, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  history = train.train_and_evaluate(make_config(celeba_dirs), workdir)
+  return workdir, history
+
+
+def test_training_writes_checkpoints_config_and_sample_grid(straight_run, celeba_dirs):
+  workdir, history = straight_run
+  assert [h['step'] for h in history] == list(range(1, 7))
+  assert all(np.isfinite(h['loss']) for h in history)
+  manager = checkpoints.checkpoint_manager(workdir)
+  assert sorted(manager.all_steps()) == [3, 6]
+  manager.close()
+  saved = checkpoints.load_config(workdir)
+  assert saved.model.ch == 16 and tuple(saved.model.ch_mult) == (1, 2)
+  assert saved.data.manual_dir == celeba_dirs[0]
+  grid = os.path.join(workdir, 'samples', 'step_0000006.png')
+  assert os.path.getsize(grid) > 0
+
+
+def test_exact_resume_is_bitwise_identical(straight_run, celeba_dirs, tmp_path):
+  workdir, history = straight_run
+  resumed = str(tmp_path / 'resumed')
+  first = train.train_and_evaluate(make_config(celeba_dirs, num_steps=3), resumed)
+  second = train.train_and_evaluate(make_config(celeba_dirs, num_steps=6), resumed)
+  assert [h['loss'] for h in first + second] == [h['loss'] for h in history]
+  config = make_config(celeba_dirs)
+  step_a, params_a, ema_a = final_params(workdir, config)
+  step_b, params_b, ema_b = final_params(resumed, config)
+  assert step_a == step_b == 6
+  for a, b in zip(jax.tree.leaves((params_a, ema_a)), jax.tree.leaves((params_b, ema_b))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_loss_decreases_on_a_repeated_batch(celeba_dirs):
+  config = make_config(celeba_dirs, learning_rate=2e-3, warmup_steps=1)
+  config.model.dropout = 0.0
+  mesh = parallel.create_mesh(jax.devices()[:1])
+  model = build_model(config.model, 40)
+  tx = make_optimizer(config.train)
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+  state = train.init_state(config, model, tx, mesh)
+  batch = next(pipeline.create_train_iterator(config))
+  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule, config=config))
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert np.all(np.isfinite(losses))
+  assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(celeba_dirs, tmp_path):
+  config = make_config(celeba_dirs, learning_rate=1e30, warmup_steps=1, grad_clip=1e30,
+                       checkpoint_every=1, num_steps=8)
+  with pytest.raises(train.TrainingDiverged, match='last good checkpoint'):
+    train.train_and_evaluate(config, str(tmp_path))
+  manager = checkpoints.checkpoint_manager(str(tmp_path))
+  steps = manager.all_steps()
+  manager.close()
+  assert steps and max(steps) < 8
+  step, params, _ = final_params(str(tmp_path), config)
+  assert step == max(steps)
+
+
+def _run_fdiff(args, **kwargs):
+  return subprocess.run([sys.executable, '-m', 'fdiff_jax', *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, **kwargs)
+
+
+def test_unknown_config_key_is_one_clear_line_and_exit_2(tmp_path, capsys):
+  code = cli.main(['train', '--config', 'configs/test.py', '--workdir', str(tmp_path),
+                   '--config.train.batch_sise=4'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1
+  assert 'batch_sise' in err[0] and 'batch_size' in err[0]
+
+
+def test_bad_config_file_and_bad_value_are_errors(tmp_path, capsys):
+  assert cli.main(['train', '--config', 'configs/nope.py', '--workdir', str(tmp_path)]) == 2
+  assert cli.main(['train', '--config', 'configs/test.py', '--workdir', str(tmp_path),
+                   '--config.train.batch_size=eight']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and 'nope.py' in err[0] and 'eight' in err[1]
+
+
+def test_config_round_trips_through_the_workdir(tmp_path):
+  config = config_utils.load_config('configs/test.py', ['model.ch_mult=(1,2,4)', 'train.learning_rate=3'])
+  checkpoints.save_config(str(tmp_path), config)
+  loaded = checkpoints.load_config(str(tmp_path))
+  assert loaded.model.ch_mult == (1, 2, 4) and loaded.train.learning_rate == 3.0
+  assert json.loads(config_utils.config_to_json(loaded)) == json.loads(config_utils.config_to_json(config))
+
+
+DEVICES_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax
+    from configs import test as test_config
+    from fdiff_jax import parallel, train
+    from fdiff_jax.errors import UserError
+    config = test_config.get_config()
+    config.data.manual_dir, config.data.data_dir = sys.argv[1], sys.argv[2]
+    config.train.num_steps = 3
+    config.train.sample_every = 100
+    losses = {}
+    for n in (1, 2, 4):
+      mesh = parallel.create_mesh(jax.devices()[:n])
+      history = train.train_and_evaluate(config, f'{sys.argv[3]}/{n}', mesh=mesh)
+      losses[n] = [h['loss'] for h in history]
+    config.train.batch_size = 6
+    try:
+      train.train_and_evaluate(config, sys.argv[3] + '/bad', mesh=parallel.create_mesh())
+      error = None
+    except UserError as e:
+      error = str(e)
+    print(json.dumps({'losses': losses, 'error': error}))
+''')
+
+
+def test_losses_do_not_depend_on_device_count(celeba_dirs, tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', DEVICES_SCRIPT, *celeba_dirs, str(tmp_path)], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  losses = result['losses']
+  assert len(losses['1']) == 3
+  np.testing.assert_allclose(losses['2'], losses['1'], rtol=2e-5)
+  np.testing.assert_allclose(losses['4'], losses['1'], rtol=2e-5)
+  assert 'batch size 6' in result['error'] and '4 devices' in result['error']
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(celeba_dirs, tmp_path):
+  workdir = str(tmp_path / 'w')
+  args = ['train', '--config', 'configs/test.py', '--workdir', workdir,
+          f'--config.data.manual_dir={celeba_dirs[0]}', f'--config.data.data_dir={celeba_dirs[1]}',
+          '--config.train.num_steps=100000', '--config.train.checkpoint_every=100000',
+          '--config.train.sample_every=100000', '--config.train.log_every=1']
+  proc = subprocess.Popen([sys.executable, '-m', 'fdiff_jax', *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  for line in proc.stdout:   # Wait until training is under way, then preempt.
+    if 'loss' in line or time.time() > deadline:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  manager = checkpoints.checkpoint_manager(workdir)
+  steps = manager.all_steps()
+  manager.close()
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  step, _, _ = final_params(workdir, make_config(celeba_dirs))
+  assert step == steps[0]
