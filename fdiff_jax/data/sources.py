@@ -1,0 +1,155 @@
+"""Opens a dataset split for random access: (encoded image, attributes).
+
+Every dataset (digits, mnist, celeba, celeb_a) is prepared once as TFDS
+`array_record` files and read by index, which is what lets the pipeline
+shuffle, shard and resume without reading through earlier examples.
+"""
+import contextlib
+import dataclasses
+from typing import Callable
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from fdiff_jax.data import celeba
+from fdiff_jax.data import digits
+from fdiff_jax.data.attributes import CELEBA_ATTRIBUTES, DIGIT_ATTRIBUTES
+from fdiff_jax.errors import UserError
+
+_SKIP_IMAGE_DECODING = {'image': tfds.decode.SkipDecoding()}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the pipeline needs to know about one `config.data.dataset`."""
+  attribute_names: tuple[str, ...]
+  channels: int
+  crop_to_square: bool  # CelebA's 218x178 faces are center-cropped.
+  prepare: Callable[[str, str | None], tfds.core.DatasetBuilder]
+  to_attributes: Callable[[dict], np.ndarray]
+
+
+class Split:
+  """One split, indexable: `split[i]` -> (encoded image bytes, float32 [A])."""
+
+  def __init__(self, data_source, to_attributes):
+    self._data_source = data_source
+    self._to_attributes = to_attributes
+
+  def __len__(self) -> int:
+    return len(self._data_source)
+
+  def __getitem__(self, index: int) -> tuple[bytes, np.ndarray]:
+    example = self._data_source[int(index)]
+    return example['image'], self._to_attributes(example)
+
+
+def _label_attributes(example: dict) -> np.ndarray:
+  """Class label -> +1 for that digit, -1 for the other nine."""
+  return np.where(np.arange(10) == example['label'], 1, -1).astype(np.float32)
+
+
+def _celeb_a_attributes(example: dict) -> np.ndarray:
+  """TFDS celeb_a's dict of booleans -> the 40 +-1 values in official order."""
+  flags = example['attributes']
+  return np.array([1 if flags[name] else -1 for name in CELEBA_ATTRIBUTES],
+                  np.float32)
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+  """Hides TFDS progress bars while preparing; they flood non-TTY logs."""
+  tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(True)
+
+
+def _prepare_tfds(name):
+  """Returns a `prepare` for a TFDS catalog dataset (downloads once)."""
+  def prepare(manual_dir, data_dir):
+    del manual_dir  # Catalog datasets download their own files.
+    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    try:
+      with _quiet_progress():
+        builder.download_and_prepare()
+    except (tfds.download.NonMatchingChecksumError, OSError) as e:
+      hint = (' (for CelebA download the files by hand and use'
+              ' --config.data.dataset=celeba)' if name == 'celeb_a' else '')
+      raise UserError(f'could not download TFDS {name}{hint}: {e}'.replace(
+          '\n', ' ')) from e
+    return builder
+  return prepare
+
+
+def _prepare_digits(manual_dir, data_dir):
+  del manual_dir  # The digits ship with scikit-learn.
+  builder = digits.SklearnDigits(data_dir=data_dir, file_format='array_record')
+  with _quiet_progress():
+    builder.download_and_prepare()
+  return builder
+
+
+def _prepare_celeba(manual_dir, data_dir):
+  """Prepares `celeba_files` once, and again when the manual files change.
+
+  The prepared copy records `celeba.manual_fingerprint`; a mismatch (edited
+  attribute/partition file, replaced zip or folder) rebuilds it in place.
+  """
+  if not manual_dir:
+    raise UserError(
+        'data.dataset=celeba needs --config.data.manual_dir=DIR, a folder with'
+        ' img_align_celeba.zip, list_attr_celeba.txt and'
+        ' list_eval_partition.txt (or `fdiff data synth-celeba DIR` for a'
+        ' synthetic one).')
+  fingerprint = celeba.manual_fingerprint(manual_dir)
+  builder = celeba.CelebaFiles(data_dir=data_dir, file_format='array_record')
+  mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  if builder.is_prepared():
+    if builder.info.metadata.get('manual_fingerprint') == fingerprint:
+      return builder
+    logging.warning('CelebA files in %s changed since %s was prepared;'
+                    ' preparing it again.', manual_dir, builder.data_dir)
+    mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+  with _quiet_progress():
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, download_mode=mode))
+  return celeba.CelebaFiles(data_dir=data_dir, file_format='array_record')
+
+
+DATASETS = {
+    'digits': DatasetSpec(DIGIT_ATTRIBUTES, 1, False, _prepare_digits,
+                          _label_attributes),
+    'mnist': DatasetSpec(DIGIT_ATTRIBUTES, 1, False, _prepare_tfds('mnist'),
+                         _label_attributes),
+    'celeba': DatasetSpec(CELEBA_ATTRIBUTES, 3, True, _prepare_celeba,
+                          lambda example: example['attributes']),
+    'celeb_a': DatasetSpec(CELEBA_ATTRIBUTES, 3, True, _prepare_tfds('celeb_a'),
+                           _celeb_a_attributes),
+}
+
+
+def dataset_spec(config) -> DatasetSpec:
+  """The spec of `config.data.dataset`, or a UserError naming the valid ones."""
+  name = config.data.dataset
+  if name not in DATASETS:
+    raise UserError(f"unknown --config.data.dataset='{name}'; use one of"
+                    f" {', '.join(DATASETS)}.")
+  return DATASETS[name]
+
+
+def open_split(config, split: str) -> Split:
+  """Prepares the configured dataset if needed and opens `split` by index."""
+  spec = dataset_spec(config)
+  builder = spec.prepare(config.data.manual_dir, config.data.data_dir or None)
+  try:
+    data_source = builder.as_data_source(split, decoders=_SKIP_IMAGE_DECODING)
+  except ValueError as e:
+    raise UserError(
+        f"cannot open split '{split}' of {config.data.dataset} (prepared in"
+        f' {builder.data_dir}): {e} Set --config.data.train_split /'
+        ' --config.data.eval_split to an existing split.'.replace('\n', ' ')
+    ) from e
+  return Split(data_source, spec.to_attributes)
