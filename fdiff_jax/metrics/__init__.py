@@ -1,0 +1,1 @@
+"""Evaluation metrics: Frechet distances, the FID Inception network, report plots."""

@@ -1,0 +1,212 @@
+"""`fdiff sample / interpolate / edit` and `fdiff_jax.generate` on a real tiny trained workdir."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import digits as digits_config
+from configs import test as test_config
+from fdiff_jax import checkpoints, cli, generate, train
+from fdiff_jax.data import synth_celeba
+from fdiff_jax.errors import UserError
+
+FAST = dict(sampler='ddim', steps=4)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """A test-config model trained 300 steps (~1-2 min on 2 CPU cores, mostly compiling).
+
+  300 rather than a handful of steps: an almost untrained model's ODE is so stiff that
+  DDIM inversion barely inverts it, and the reconstruction test would measure nothing.
+  """
+  root = tmp_path_factory.mktemp('generate')
+  synth_celeba.write_synthetic_celeba(str(root / 'files'), num=60, seed=0)
+  config = test_config.get_config()
+  config.data.manual_dir, config.data.data_dir = str(root / 'files'), str(root / 'tfds')
+  config.train.update(num_steps=300, learning_rate=2e-3, log_every=100, checkpoint_every=300,
+                      sample_every=300)
+  train.train_and_evaluate(config, str(root / 'workdir'))
+  return str(root / 'workdir')
+
+
+@pytest.fixture(scope='module')
+def loaded(workdir):
+  return checkpoints.load_model(workdir)[:3]
+
+
+@pytest.fixture(scope='module')
+def face(tmp_path_factory):
+  """A 218x178 JPEG photo of a face the model never saw (a new identity)."""
+  path = str(tmp_path_factory.mktemp('photo') / 'face.jpg')
+  Image.fromarray(synth_celeba.render_face({'Smiling': True}, identity=1234)).save(path)
+  return path
+
+
+def attrs(config, text, num=1):
+  return np.repeat(generate.attribute_vector(config, text)[None], num, axis=0)
+
+
+def test_sample_cli_writes_sweep_grid_and_images_with_progress(workdir, tmp_path, capsys):
+  code = cli.main(['sample', '--workdir', workdir, '--attributes', '-Male', '--num', '3',
+                   '--guidance', '1,3', '--sampler', 'ddim', '--steps', '4', '--batch-size', '2',
+                   '--out', str(tmp_path / 'grid.png'), '--out-dir', str(tmp_path / 'each')])
+  assert code == 0
+  assert 'batch 2/2' in capsys.readouterr().err  # 3 images in batches of 2, per w.
+  grid = np.asarray(Image.open(tmp_path / 'grid.png'))
+  assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 3)  # 2 rows (w) x 3 columns of 16x16, pad 2.
+  files = sorted(os.listdir(tmp_path / 'each'))
+  assert files == [f'sample_{i:04d}.png' for i in range(6)]
+  assert np.asarray(Image.open(tmp_path / 'each' / files[4])).shape == (16, 16, 3)
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'each' / files[4])),
+                                grid[20:36, 20:36])  # Row 1, column 1 of the grid.
+
+
+def test_same_seed_same_images_other_seed_other_images(loaded):
+  config, model, params = loaded
+  a = attrs(config, 'Smiling,Eyeglasses', 3)
+  first = generate.sample_images(config, model, params, a, seed=7, sampler='dpm++', steps=4)
+  again = generate.sample_images(config, model, params, a, seed=7, sampler='dpm++', steps=4)
+  other = generate.sample_images(config, model, params, a, seed=8, sampler='dpm++', steps=4)
+  assert first.shape == (3, 16, 16, 3) and first.dtype == np.float32
+  np.testing.assert_array_equal(first, again)
+  assert np.abs(first - other).mean() > 0.05
+  assert np.abs(first[0] - first[1]).mean() > 0.05  # Columns get different noise.
+
+
+def test_sweep_rows_are_plain_samples_with_the_same_noise(loaded):
+  config, model, params = loaded
+  a = attrs(config, 'Male,Smiling')
+  # DDIM with eta > 0 draws per-step noise too: rows share that as well.
+  options = dict(sampler='ddim', steps=4, eta=0.5)
+  sweep = generate.guidance_sweep(config, model, params, a, [1.0, 3.0], num=3, seed=2, **options)
+  assert sweep.shape == (2, 1, 3, 16, 16, 3)
+  for row, w in zip(sweep, [1.0, 3.0]):
+    direct = generate.sample_images(config, model, params, np.repeat(a, 3, axis=0), seed=2,
+                                    guidance=w, **options)
+    np.testing.assert_array_equal(row[0], direct)
+  assert np.abs(sweep[0] - sweep[1]).mean() > 1e-3  # w matters.
+
+
+def test_interpolation_endpoints_equal_direct_samples(loaded):
+  config, model, params = loaded
+  start, end = attrs(config, '-Smiling,Male')[0], attrs(config, 'Smiling,Male')[0]
+  options = dict(sampler='ddim', steps=4, guidance=3.0, batch_size=4)
+  frames = generate.interpolate(config, model, params, start, end, frames=4, seeds=[0, 5],
+                                **options)
+  assert frames.shape == (2, 4, 16, 16, 3)
+  for row, seed in zip(frames, [0, 5]):
+    first = generate.sample_images(config, model, params, start[None], seed=seed, **options)
+    last = generate.sample_images(config, model, params, end[None], seed=seed, **options)
+    np.testing.assert_array_equal(row[0], first[0])
+    np.testing.assert_array_equal(row[-1], last[0])
+  assert np.abs(frames[0, 1] - frames[0, 0]).mean() > 1e-4  # The attributes do move.
+  assert np.abs(frames[0] - frames[1]).mean() > 0.05  # Seeds are identities.
+
+
+def test_interpolate_cli_writes_strip_and_gif(workdir, tmp_path):
+  code = cli.main(['interpolate', '--workdir', workdir, '--from', '-Smiling', '--to', 'Smiling',
+                   '--frames', '5', '--seeds', '0,1', '--sampler', 'dpm++', '--steps', '4',
+                   '--out', str(tmp_path / 'strip.png'), '--gif', str(tmp_path / 'anim.gif')])
+  assert code == 0
+  assert np.asarray(Image.open(tmp_path / 'strip.png')).shape == (2 * 18 + 2, 5 * 18 + 2, 3)
+  gif = Image.open(tmp_path / 'anim.gif')
+  assert gif.n_frames == 5 and gif.size == (18 + 2, 2 * 18 + 2)  # Each frame: the seeds stacked.
+
+
+def test_inversion_with_nothing_set_reconstructs_the_photo(loaded, face):
+  config, model, params = loaded
+  image = generate.load_image(face, config)[None]
+  source = attrs(config, 'Smiling')
+
+  def error(steps):
+    reconstruction, edited = generate.edit(config, model, params, image, source, source,
+                                           method='inversion', steps=steps, guidance=1.0)
+    np.testing.assert_array_equal(reconstruction, edited)  # Nothing set: the edit is the same.
+    return np.abs(reconstruction - image).mean()
+
+  # DDIM inversion evaluates eps one grid point early, so the round trip is exact only
+  # as the step shrinks: the error is first order in the step size. Measured on this
+  # model and photo (pixels in [-1, 1], mean absolute error): 0.35 at 25 steps, 0.12 at
+  # 50, 0.065 at 99 (the finest grid of T=100; max 0.31). Wrong round trips measured at
+  # 99 steps: sampling back from fresh noise ~16, with x0 clipping 0.18 (flat in the
+  # steps), on a grid of half the steps 0.11. The bound 0.09 leaves ~40% for other CPUs'
+  # float differences in the 300 training steps and still fails all of those; the 3x
+  # drop from 25 steps (measured 5.4x) fails any grid mismatch that does not shrink.
+  fine, coarse = error(99), error(25)
+  assert fine < 0.09, (fine, coarse)
+  assert fine < coarse / 3, (fine, coarse)
+
+
+def test_edit_cli_sdedit_writes_panel_and_changes_the_image(workdir, face, tmp_path):
+  code = cli.main(['edit', '--workdir', workdir, '--image', face, '--source', 'Smiling',
+                   '--set', 'Eyeglasses,-Smiling', '--method', 'sdedit', '--strength', '0.6',
+                   '--steps', '10', '--out', str(tmp_path / 'panel.png'),
+                   '--out-dir', str(tmp_path / 'edits')])
+  assert code == 0
+  panel = np.asarray(Image.open(tmp_path / 'panel.png')).astype(np.float32)
+  assert panel.shape == (18 + 2, 3 * 18 + 2, 3)  # original | reconstruction | edit
+  original, edited = panel[2:18, 2:18], panel[2:18, 38:54]
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'edits' / 'edit_0000.png')),
+                                edited.astype(np.uint8))
+  assert np.abs(edited - original).mean() > 5  # Out of 255: noised to 60% of T, not a copy.
+
+
+def test_edit_source_auto_without_a_classifier_asks_for_source(workdir, face, tmp_path, capsys):
+  code = cli.main(['edit', '--workdir', workdir, '--image', face, '--source', 'auto',
+                   '--out', str(tmp_path / 'p.png')])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1
+  assert '--source' in err[0] and 'train-classifier' in err[0]
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['sample', '--attributes', 'Smilling'], 'did you mean Smiling'),
+    (['sample', '--attributes', '3,-7'], "40 attributes of dataset 'celeba'"),
+    (['sample', '--guidance', '1,x'], 'comma-separated list of numbers'),
+    (['sample', '--guidance', '2,-1'], '>= 0'),
+    (['sample', '--sampler', 'ddpm', '--steps', '10'], 'ddpm'),
+    (['interpolate', '--sampler', 'ddpm'], 'deterministic sampler'),
+    (['interpolate', '--sampler', 'ddim', '--eta', '0.5'], 'deterministic sampler'),
+    (['interpolate', '--frames', '1'], 'at least 2 frames'),
+    (['edit', '--image', 'missing.jpg'], 'cannot read image'),
+    (['edit', '--image', __file__], 'cannot read image'),
+    (['edit', '--image', 'FACE', '--method', 'blend'], 'unknown edit method'),
+    (['edit', '--image', 'FACE', '--method', 'sdedit', '--strength', '1.5'], 'strength'),
+])
+def test_user_errors_are_one_line_and_exit_2(workdir, face, tmp_path, capsys, args, expected):
+  args = [face if a == 'FACE' else a for a in args]
+  code = cli.main(args + ['--workdir', workdir, '--out', str(tmp_path / 'x.png')])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1, err
+  assert expected in err[0], err[0]
+  assert not os.path.exists(tmp_path / 'x.png')
+
+
+def test_workdir_without_checkpoint_or_outputs_is_one_line_and_exit_2(workdir, tmp_path, capsys):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with open(os.path.join(workdir, 'config.json')) as f:
+    (empty / 'config.json').write_text(json.dumps(json.load(f)))
+  assert cli.main(['sample', '--workdir', str(empty), '--out', str(tmp_path / 'x.png')]) == 2
+  assert cli.main(['sample', '--workdir', str(tmp_path / 'nope'), '--out', 'x.png']) == 2
+  assert cli.main(['sample', '--workdir', workdir]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3
+  assert 'no checkpoint' in err[0] and 'not a training workdir' in err[1]
+  assert '--out' in err[2]
+
+
+def test_attribute_vocabulary_and_conditioning_are_checked():
+  digits = digits_config.get_config()
+  with pytest.raises(UserError, match="10 attributes of dataset 'digits'"):
+    generate.attribute_vector(digits, 'Smiling,-Male')
+  np.testing.assert_array_equal(generate.attribute_vector(digits, '3'), np.eye(10)[3])
+  with pytest.raises(UserError, match='do not fit this model'):
+    generate.check_attributes(digits, np.zeros((2, 40)))
+  digits.model.conditional = False
+  with pytest.raises(UserError, match='unconditional'):
+    generate.attribute_vector(digits, '3')
+  assert not generate.attribute_vector(digits, '').any()
