@@ -71,4 +71,20 @@ def get_config():
   # One grid row per prompt ('' = unconditional), in the `fdiff sample` syntax.
   sample.grid_prompts = ('', 'Male', '-Male', 'Smiling,Male', 'Smiling,-Male',
                          'Eyeglasses', 'Blond_Hair,-Male', 'Black_Hair,Male,Mustache')
+
+  # Attribute classifier for `fdiff evaluate` (fdiff_jax/classifier.py): a small
+  # ResNet on the same pipeline. Optimizer fields mean what they do in `train`.
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.width = 32             # channels of the first stage, doubled per stage
+  classifier.stages = 3             # residual stages; each after the first halves H, W
+  classifier.features = 128         # penultimate width: the classifier Frechet distance's features
+  classifier.batch_size = 64
+  classifier.num_steps = 3000
+  classifier.learning_rate = 2e-3
+  classifier.warmup_steps = 100
+  classifier.lr_schedule = 'cosine'
+  classifier.weight_decay = 1e-4
+  classifier.grad_clip = 1.0
+  classifier.log_every = 100
+  classifier.checkpoint_every = 1000
   return config

@@ -26,8 +26,10 @@ def _config_overrides(unknown):
 
 
 def cmd_train(args, unknown):
-  from fdiff_jax import config_utils, train
+  from fdiff_jax import config_utils, parallel, train
   config = config_utils.load_config(args.config, _config_overrides(unknown))
+  parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                  args.local_device_ids)
   train.train_and_evaluate(config, args.workdir)
 
 
@@ -37,6 +39,156 @@ def cmd_synth_celeba(args, unknown):
   print(f'wrote {args.num} synthetic CelebA images to {args.dir}')
 
 
+def cmd_bench(args, unknown):
+  from fdiff_jax import bench, config_utils
+  what = bench.parse_workloads(args.what)
+  config = config_utils.load_config(args.config, _config_overrides(unknown))
+  result = bench.run(config, what=what, batch=args.batch, sampler=args.sampler, steps=args.steps,
+                     guidance=args.guidance, repeats=args.repeats, peak_tflops=args.peak_tflops)
+  result['config'] = args.config
+  print(bench.format_table(result))
+  if args.out:
+    bench.write_json(result, args.out)
+
+
+def cmd_train_classifier(args, unknown):
+  from fdiff_jax import classifier, config_utils
+  config = config_utils.load_config(args.config, _config_overrides(unknown))
+  result = classifier.train_classifier(config, args.workdir)
+  print(classifier.format_accuracy(result))
+
+
+def cmd_evaluate(args, unknown):
+  from fdiff_jax import evaluate, generate
+  report = evaluate.evaluate(
+      args.workdir, args.classifier, num_samples=args.num_samples, sampler=args.sampler,
+      steps=args.steps, guidance=generate.parse_guidance(args.guidance), seed=args.seed,
+      out_dir=args.out_dir, inception_weights=args.inception_weights, compute_fid=not args.no_fid,
+      batch_size=args.batch_size)
+  print(evaluate.markdown_table(report), end='')
+  print(f"wrote report.json, report.md and report.png to {report['out_dir']}")
+
+
+# Flags whose values may start with '-' ("-Smiling"); argparse would take those for options.
+ATTRIBUTE_FLAGS = ('--attributes', '--from', '--to', '--set', '--source')
+
+
+def _join_attribute_values(argv):
+  """`--from -Smiling` -> `--from=-Smiling`, so negated attributes need no '=' from the user."""
+  joined, i = [], 0
+  while i < len(argv):
+    if argv[i] in ATTRIBUTE_FLAGS and i + 1 < len(argv) and argv[i + 1].startswith('-') \
+        and not argv[i + 1].startswith('--'):
+      joined.append(f'{argv[i]}={argv[i + 1]}')
+      i += 2
+    else:
+      joined.append(argv[i])
+      i += 1
+  return joined
+
+
+def _load(args):
+  """(config, model, EMA params) of the workdir, after checking that some output is asked for."""
+  from fdiff_jax import checkpoints
+  if not (args.out or args.out_dir):
+    raise UserError('nothing would be written; give --out FILE.png and/or --out-dir DIR')
+  return checkpoints.load_model(args.workdir, args.checkpoint_step)[:3]
+
+
+def _write(rows, prefix, out, out_dir, scale):
+  """[rows, cols, H, W, C] images -> the `out` grid and/or out_dir/{prefix}_NNNN.png files."""
+  from fdiff_jax import images
+  if out:
+    images.save_png(out, images.grid_image(rows), scale)
+    print(f'wrote {out}')
+  if out_dir:
+    images.save_each(out_dir, rows.reshape((-1,) + rows.shape[2:]), prefix, scale)
+    print(f'wrote {rows.shape[0] * rows.shape[1]} images to {out_dir}')
+
+
+def _attribute_lines(args):
+  """The attribute strings of --attributes, or the lines of --attributes-file (# comments skipped)."""
+  if not args.attributes_file:
+    return [args.attributes]
+  if args.attributes:
+    raise UserError('give --attributes or --attributes-file, not both')
+  try:
+    with open(args.attributes_file) as f:
+      lines = [line.strip() for line in f]
+  except OSError as e:
+    raise UserError(f'cannot read --attributes-file: {e}') from None
+  lines = [line for line in lines if line and not line.startswith('#')]
+  if not lines:
+    raise UserError(f'{args.attributes_file} has no attribute lines')
+  return lines
+
+
+def _int_list(text, flag):
+  """`"0,1,2"` -> [0, 1, 2] for `flag`."""
+  try:
+    return [int(item) for item in text.split(',')]
+  except ValueError:
+    raise UserError(f'{flag} {text!r} is not a comma-separated list of integers, e.g. 0,1,2') from None
+
+
+def cmd_sample(args, unknown):
+  import numpy as np
+  from fdiff_jax import generate
+  guidances = generate.parse_guidance(args.guidance) if args.guidance else [None]
+  config, model, params = _load(args)
+  rows = np.stack([generate.attribute_vector(config, text) for text in _attribute_lines(args)])
+  samples = generate.guidance_sweep(config, model, params, rows, guidances, num=args.num,
+                                    seed=args.seed, sampler=args.sampler, steps=args.steps,
+                                    eta=args.eta, batch_size=args.batch_size)
+  _write(samples.reshape((-1,) + samples.shape[2:]), 'sample', args.out, args.out_dir, args.scale)
+
+
+def cmd_interpolate(args, unknown):
+  from fdiff_jax import generate, images
+  config, model, params = _load(args)
+  frames = generate.interpolate(
+      config, model, params, generate.attribute_vector(config, args.start),
+      generate.attribute_vector(config, args.end), frames=args.frames,
+      seeds=_int_list(args.seeds, '--seeds'), guidance=args.guidance, sampler=args.sampler,
+      steps=args.steps, eta=args.eta, batch_size=args.batch_size)
+  _write(frames, 'frame', args.out, args.out_dir, args.scale)
+  if args.gif:
+    images.save_gif(args.gif, [images.grid_image(frames[:, f:f + 1]) for f in range(args.frames)],
+                    scale=args.scale)
+    print(f'wrote {args.gif}')
+
+
+def cmd_edit(args, unknown):
+  import os
+  import numpy as np
+  from fdiff_jax import generate
+  config, model, params = _load(args)
+  image = generate.load_image(args.image, config)[None]
+  if args.source == 'auto':
+    classifier_dir = args.classifier or os.path.join(args.workdir, 'classifier')
+    source = generate.predicted_attributes(config, image, classifier_dir)
+  else:
+    source = generate.attribute_vector(config, args.source)[None]
+  target = generate.updated_attributes(source, generate.attribute_vector(config, args.set))
+  reconstruction, edited = generate.edit(
+      config, model, params, image, source, target, method=args.method, strength=args.strength,
+      guidance=args.guidance, steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+  panel = np.stack([image, reconstruction, edited], axis=1)  # original | reconstruction | edit
+  _write(panel, 'edit', args.out, None, args.scale)
+  _write(edited[:, None], 'edit', None, args.out_dir, args.scale)
+
+
+def _add_generation_flags(p):
+  """Flags shared by sample, interpolate and edit."""
+  p.add_argument('--workdir', required=True, help='training workdir (config + checkpoints)')
+  p.add_argument('--checkpoint-step', type=int, help='checkpoint to use (default: latest)')
+  p.add_argument('--steps', type=int, help='sampling steps (default: sample.steps)')
+  p.add_argument('--batch-size', type=int, help='images per compiled batch (default: up to 32)')
+  p.add_argument('--out', help='grid PNG to write')
+  p.add_argument('--out-dir', help='folder for the individual PNGs')
+  p.add_argument('--scale', type=int, default=1, help='enlarge the PNGs by this factor')
+
+
 def build_parser():
   parser = argparse.ArgumentParser(prog='fdiff', description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest='command', required=True)
@@ -44,7 +196,84 @@ def build_parser():
   p = commands.add_parser('train', help='train (or resume) a diffusion model in a workdir')
   p.add_argument('--config', required=True, help='config file, e.g. configs/digits.py')
   p.add_argument('--workdir', required=True)
+  multihost = p.add_argument_group(
+      'multi-host', 'one process per host (or GPU); auto-detected on SLURM and Cloud TPU VMs; '
+      'each also read from FDIFF_<NAME> (e.g. FDIFF_PROCESS_ID); see launch/README.md')
+  multihost.add_argument('--coordinator_address', help='HOST:PORT of process 0, the same for all')
+  multihost.add_argument('--num_processes', type=int, help='number of processes in the job')
+  multihost.add_argument('--process_id', type=int, help='this process, 0 .. num_processes-1')
+  multihost.add_argument('--local_device_ids', help="this process's devices, e.g. 0,1 (default: all)")
   p.set_defaults(func=cmd_train, takes_overrides=True)
+
+  p = commands.add_parser('bench', help='training/sampling throughput and FLOP utilisation')
+  p.add_argument('--config', required=True, help='config file, e.g. configs/celeba64_original.py')
+  p.add_argument('--batch', type=int, help='batch size (default: train.batch_size)')
+  p.add_argument('--what', default='train,sample', help='comma-separated: train,sample')
+  p.add_argument('--sampler', help='ddpm | ddim | dpm++ (default: sample.sampler)')
+  p.add_argument('--steps', type=int, help='sampling steps (default: sample.steps)')
+  p.add_argument('--guidance', type=float, help='CFG weight w (default: sample.guidance)')
+  p.add_argument('--repeats', type=int, default=5, help='timed runs after one warm-up')
+  p.add_argument('--peak-tflops', type=float, help='peak to report utilisation against')
+  p.add_argument('--out', help='write the results as JSON here')
+  p.set_defaults(func=cmd_bench, takes_overrides=True)
+
+  p = commands.add_parser('sample', help='sample images with chosen attributes; sweep guidance')
+  _add_generation_flags(p)
+  p.add_argument('--attributes', default='', help='e.g. "Smiling,-Male,Eyeglasses=0.5"; '
+                 "unspecified attributes stay 0 ('' = unconditional)")
+  p.add_argument('--attributes-file', help='one attribute string per line: one grid row each')
+  p.add_argument('--num', type=int, default=8, help='images per attribute row')
+  p.add_argument('--sampler', help='ddpm | ddim | dpm++ (default: sample.sampler)')
+  p.add_argument('--eta', type=float, help='DDIM noise, 0 = deterministic (default: sample.eta)')
+  p.add_argument('--guidance', help='CFG weight w, or a list "1,2,4": one row per w, same noise')
+  p.add_argument('--seed', type=int, default=0, help='image i starts from noise i of this seed')
+  p.set_defaults(func=cmd_sample)
+
+  p = commands.add_parser('interpolate', help='move attributes smoothly with the identity held')
+  _add_generation_flags(p)
+  p.add_argument('--from', dest='start', default='', help='attributes of the first frame')
+  p.add_argument('--to', dest='end', default='', help='attributes of the last frame')
+  p.add_argument('--frames', type=int, default=8)
+  p.add_argument('--seeds', default='0', help='one row per seed: image 0 of `fdiff sample --seed`')
+  p.add_argument('--sampler', help='ddim | dpm++, deterministic (default: sample.sampler)')
+  p.add_argument('--eta', type=float, default=0.0, help='must be 0: DDIM noise breaks identity')
+  p.add_argument('--guidance', type=float, help='CFG weight w (default: sample.guidance)')
+  p.add_argument('--gif', help='also write an animation here')
+  p.set_defaults(func=cmd_interpolate)
+
+  p = commands.add_parser('edit', help='change attributes of a real photo')
+  _add_generation_flags(p)
+  p.add_argument('--image', required=True, help='photo to edit (JPEG, PNG, ...)')
+  p.add_argument('--set', default='', help='attributes to change, e.g. "Eyeglasses,-Smiling"')
+  p.add_argument('--source', default='', help="the photo's attributes, or 'auto' to read them "
+                 "with the attribute classifier (default: '' = all unspecified)")
+  p.add_argument('--classifier', help='classifier workdir for --source auto (default: WORKDIR/classifier)')
+  p.add_argument('--method', default='inversion', help='inversion (DDIM) | sdedit')
+  p.add_argument('--strength', type=float, default=0.5, help='sdedit: fraction of T to noise to')
+  p.add_argument('--guidance', type=float, help='CFG weight w (default: sample.guidance)')
+  p.add_argument('--seed', type=int, default=0, help='sdedit noise')
+  p.set_defaults(func=cmd_edit)
+
+  p = commands.add_parser('train-classifier', help='train the attribute classifier used by evaluate')
+  p.add_argument('--config', required=True, help='config file of the dataset, e.g. configs/digits.py')
+  p.add_argument('--workdir', required=True, help='classifier workdir (config + checkpoints)')
+  p.set_defaults(func=cmd_train_classifier, takes_overrides=True)
+
+  p = commands.add_parser('evaluate', help='FID, classifier FD and attribute accuracy vs guidance')
+  p.add_argument('--workdir', required=True, action='append',
+                 help='training workdir; repeat to compare runs side by side')
+  p.add_argument('--classifier', required=True, help='workdir of `fdiff train-classifier`')
+  p.add_argument('--num-samples', type=int, default=1000, help='samples per run and guidance')
+  p.add_argument('--sampler', default='dpm++', help='ddpm | ddim | dpm++')
+  p.add_argument('--steps', type=int, help='sampling steps (default: sample.steps)')
+  p.add_argument('--guidance', default='0,1,2,4', help='CFG weights to sweep, e.g. 0,1,2,4')
+  p.add_argument('--seed', type=int, default=0, help='noise and conditioning vectors')
+  p.add_argument('--out-dir', help='where the report goes (default: FIRST_WORKDIR/eval)')
+  p.add_argument('--inception-weights', help='pytorch-fid pt_inception-2015-12-05-6726825d.pth or '
+                 '.npz (default: the cache, downloaded once when online)')
+  p.add_argument('--no-fid', action='store_true', help='skip FID (no Inception weights needed)')
+  p.add_argument('--batch-size', type=int, default=256, help='images per compiled batch')
+  p.set_defaults(func=cmd_evaluate)
 
   data = commands.add_parser('data', help='dataset tools').add_subparsers(dest='data_command', required=True)
   p = data.add_parser('synth-celeba', help='write a synthetic CelebA in the official file layout')
@@ -58,7 +287,8 @@ def build_parser():
 
 def main(argv=None):
   parser = build_parser()
-  args, unknown = parser.parse_known_args(argv)
+  args, unknown = parser.parse_known_args(
+      _join_attribute_values(sys.argv[1:] if argv is None else argv))
   try:
     if unknown and not getattr(args, 'takes_overrides', False):
       raise UserError(f"unrecognized arguments: {' '.join(unknown)}")

@@ -46,3 +46,15 @@ def save_gif(path, frames, duration_ms=120, scale=1):
   tmp = path + '.tmp.gif'
   imgs[0].save(tmp, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0)
   os.replace(tmp, path)
+
+
+def grid_image(images):
+  """[rows, cols, H, W, C] in [-1, 1] -> one uint8 grid image with a row per leading index."""
+  images = np.asarray(images)
+  return make_grid(to_uint8(images.reshape((-1,) + images.shape[2:])), images.shape[0])
+
+
+def save_each(out_dir, images, prefix, scale=1):
+  """Writes [N, H, W, C] images in [-1, 1] as out_dir/{prefix}_0000.png, ... (in order)."""
+  for i, image in enumerate(to_uint8(images)):
+    save_png(os.path.join(out_dir, f'{prefix}_{i:04d}.png'), image, scale)

@@ -2,15 +2,24 @@
 
 One code path for one CPU, one GPU, a multi-GPU host or a TPU pod: a 1-D
 `Mesh` with a `data` axis over every device of every process; the batch is
-sharded along it, parameters and optimizer state are replicated.
+sharded along it, parameters and optimizer state are replicated. Several
+processes (hosts) join JAX's multi-controller runtime first with
+`initialize_distributed`.
 """
+import contextlib
+import glob
+import os
+
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fdiff_jax.errors import UserError
 
 DATA_AXIS = 'data'
+BARRIER_TIMEOUT_S = 3600  # Process 0 may be preparing a whole dataset meanwhile.
 
 
 def create_mesh(devices=None):
@@ -43,3 +52,96 @@ def global_batch(local_batch, mesh):
 
 def is_main_process():
   return jax.process_index() == 0
+
+
+def _setting(value, name, parse=str):
+  """`value`, else environment variable FDIFF_<NAME>, parsed; None if neither is set."""
+  text = os.environ.get(f'FDIFF_{name.upper()}') if value is None else value
+  try:
+    return None if text is None else parse(text)
+  except ValueError:
+    raise UserError(f'cannot parse --{name} / FDIFF_{name.upper()} {text!r}') from None
+
+
+def _device_ids(text):
+  """'0,1,2,3' (or a sequence) -> [0, 1, 2, 3]."""
+  return [int(i) for i in (text.split(',') if isinstance(text, str) else text)]
+
+
+def _on_cloud_tpu_vm():
+  """A Google TPU chip (PCI vendor 0x1ae0) is attached: the check JAX itself makes."""
+  for path in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    with open(path) as f:
+      if f.read().strip() == '0x1ae0':
+        return True
+  return False
+
+
+def _managed_cluster():
+  """A multi-task SLURM step or a Cloud TPU VM, where JAX finds every setting itself."""
+  return int(os.environ.get('SLURM_NTASKS', '1')) > 1 or _on_cloud_tpu_vm()
+
+
+def _explicit_settings(coordinator_address, num_processes, process_id):
+  """The three settings from arguments or FDIFF_* variables: all of them, or None if none is set."""
+  settings = {'coordinator_address': _setting(coordinator_address, 'coordinator_address'),
+              'num_processes': _setting(num_processes, 'num_processes', int),
+              'process_id': _setting(process_id, 'process_id', int)}
+  given = [name for name, value in settings.items() if value is not None]
+  if not given:
+    return None
+  if len(given) < len(settings):
+    raise UserError('multi-process training needs all of --coordinator_address, --num_processes '
+                    f'and --process_id (or FDIFF_* variables); got only {", ".join(given)}')
+  if not 0 <= settings['process_id'] < settings['num_processes']:
+    raise UserError(f'--process_id {settings["process_id"]} is not in '
+                    f'[0, --num_processes {settings["num_processes"]})')
+  return settings
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
+                           local_device_ids=None):
+  """Joins JAX's multi-controller runtime when this is one of several processes.
+
+  Explicit settings (arguments, else FDIFF_COORDINATOR_ADDRESS,
+  FDIFF_NUM_PROCESSES, FDIFF_PROCESS_ID) work on any cluster; without them
+  JAX detects its cluster itself under a multi-task SLURM step or on a Cloud
+  TPU VM, and a lone process does nothing. `local_device_ids` (or
+  FDIFF_LOCAL_DEVICE_IDS='0,1') limits the devices this process uses. Call it
+  before anything touches a JAX device. Returns whether it initialized.
+  """
+  explicit = _explicit_settings(coordinator_address, num_processes, process_id)
+  if explicit is None and not _managed_cluster():
+    return False
+  device_ids = _setting(local_device_ids, 'local_device_ids', _device_ids)
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # For CPU processes.
+  try:
+    jax.distributed.initialize(**(explicit or {}), local_device_ids=device_ids)
+  except jax.errors.JaxRuntimeError as e:
+    reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+    raise UserError(f'could not join the JAX distributed runtime ({reason}); check that every '
+                    'process got the same coordinator address and process count') from None
+  logging.info('Process %d of %d: %d local of %d devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
+def barrier(name, timeout_s=BARRIER_TIMEOUT_S):
+  """Waits until every process got here (a no-op for one process).
+
+  A coordination-service barrier, not a device collective: the wait may be
+  long (gloo gives up connecting after 30 s).
+  """
+  ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
+@contextlib.contextmanager
+def main_process_first(name):
+  """Runs the block on process 0, then on all others: e.g. preparing a dataset on a shared disk."""
+  if not is_main_process():
+    barrier(name)
+  try:
+    yield
+  finally:
+    if is_main_process():
+      barrier(name)

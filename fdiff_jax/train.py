@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
 
 from fdiff_jax import checkpoints, diffusion, images, parallel, sampling
 from fdiff_jax.data import attributes as attributes_lib
@@ -89,8 +90,14 @@ def write_sample_grid(config, model, state, names, mesh, writer, workdir, sample
     writer.write_images(step, {'samples': grid[None]})
 
 
-class _SigtermFlag:
-  """Remembers a SIGTERM so the loop can checkpoint and exit cleanly."""
+class _Preemption:
+  """Tells the loop at which step to checkpoint and stop after a SIGTERM.
+
+  One process: its own SIGTERM handler. Several: JAX's preemption sync manager
+  (started by `jax.distributed.initialize`) catches SIGTERM on any host and
+  every process stops at the same step, one past the furthest step any had
+  reached; a Python handler would replace its C++ one, so none is installed.
+  """
 
   def __init__(self):
     self.raised = False
@@ -99,15 +106,38 @@ class _SigtermFlag:
   def __enter__(self):
     def handler(signum, frame):
       self.raised = True
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # Not the main thread: no handler.
-      self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, handler)
+      except ValueError:  # Not the main thread: no handler.
+        self._previous = None
     return self
+
+  def reached(self, step):
+    """Whether to checkpoint and stop at `step`; call it once for every step."""
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.raised
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class _ConsoleLog:
+  """One readable line per log step on stdout: metrics, speed and ETA."""
+
+  def __init__(self, start, num_steps):
+    self.num_steps, self.last_step, self.last_time = num_steps, start, time.perf_counter()
+
+  def log(self, step, summary):
+    now = time.perf_counter()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.num_steps - step) / max(rate, 1e-9)
+    metrics = '  '.join(f'{k}={v:.4g}' for k, v in summary.items())
+    print(f'step {step}/{self.num_steps}  {metrics}  {rate:.2f} steps/s  ETA {eta / 60:.1f} min',
+          flush=True)
 
 
 def _check_finite(pending, last_saved):
@@ -152,27 +182,28 @@ def train_and_evaluate(config, workdir, mesh=None):
   sample_fn = sampling.make_sample_fn(model, config)
   num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
-  batches = pipeline.create_train_iterator(config, start_step=start)
+  with parallel.main_process_first('prepare_dataset'):  # Once, also on a shared data_dir.
+    batches = pipeline.create_train_iterator(config, start_step=start)
 
   history, pending, last_saved = [], [], manager.latest_step()
-  tick, tick_step = time.perf_counter(), start
-  with _SigtermFlag() as sigterm:
+  console = _ConsoleLog(start, num_steps)
+  with _Preemption() as preemption:
     for step in range(start + 1, num_steps + 1):
       batch = parallel.global_batch(next(batches), mesh)
       state, metrics = step_fn(state, batch)
       pending.append((step, metrics))
       report(step)
       log_now = step % config.train.log_every == 0 or step == num_steps
-      save_now = step % config.train.checkpoint_every == 0 or step == num_steps or sigterm.raised
+      preempted = preemption.reached(step)
+      save_now = step % config.train.checkpoint_every == 0 or step == num_steps or preempted
       if log_now or save_now:
         pending = [(s, jax.device_get(m)) for s, m in pending]
         _check_finite(pending, last_saved)
       if log_now:
-        now = time.perf_counter()
         summary = {k: float(np.mean([m[k] for _, m in pending])) for k in pending[0][1]}
-        summary['steps_per_sec'] = (step - tick_step) / (now - tick)
-        tick, tick_step = now, step
-        writer.write_scalars(step, summary)
+        writer.write_scalars(step, summary)   # ReportProgress adds steps_per_sec and ETA
+        if main:
+          console.log(step, summary)
         history.append({'step': step, **summary})
         pending = []
       if save_now:
@@ -180,7 +211,7 @@ def train_and_evaluate(config, workdir, mesh=None):
         last_saved = step
       if step % config.train.sample_every == 0 or step == num_steps:
         write_sample_grid(config, model, state, names, mesh, writer, workdir, sample_fn)
-      if sigterm.raised:
+      if preempted:
         logging.warning('SIGTERM: saved a checkpoint at step %d and stopped', step)
         break
   manager.wait_until_finished()
