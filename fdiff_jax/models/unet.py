@@ -82,6 +82,20 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def attention(q, k, v):
+  """Softmax attention over [B, L, heads, d] as two 3-D matmuls over [B * heads, L, d].
+
+  The same math as `jax.nn.dot_product_attention`, several times faster on
+  XLA:CPU, which handles the 4-D head-interleaved matmuls poorly.
+  """
+  b, length, heads, d = q.shape
+  fold = lambda x: x.transpose(0, 2, 1, 3).reshape(b * heads, length, d)
+  logits = jnp.einsum('nqd,nkd->nqk', fold(q) * d ** -0.5, fold(k))
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  y = jnp.einsum('nqk,nkd->nqd', weights, fold(v))
+  return y.reshape(b, heads, length, d).transpose(0, 2, 1, 3)
+
+
 class AttentionBlock(nn.Module):
   """Multi-head self-attention over all pixels, with a residual connection."""
   num_heads: int
@@ -95,8 +109,7 @@ class AttentionBlock(nn.Module):
     y = group_norm(c, self.dtype)(x).reshape(b, h * w, c)
     qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype,
                           param_dtype=self.param_dtype)(y)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]   # [B, L, heads, head_dim]
-    y = jax.nn.dot_product_attention(q, k, v)
+    y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     y = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=nn.initializers.zeros,
                         dtype=self.dtype, param_dtype=self.param_dtype)(y)
     return x + y.reshape(b, h, w, c)

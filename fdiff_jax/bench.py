@@ -1,0 +1,252 @@
+"""Throughput and FLOP-utilisation benchmark behind `fdiff bench`.
+
+Times the real jitted train step (loss, AdamW, EMA, donated state) and the
+whole jitted sampler with classifier-free guidance on random inputs of the
+configured shape, so no dataset is needed. FLOPs come from XLA's cost
+analysis; utilisation is reported against the accelerator's published peak
+(or --peak-tflops) and, on CPU, against a large float32 matmul timed in the
+same run, a ceiling that moves with the machine's load.
+"""
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdiff_jax import diffusion, parallel, sampling, train
+from fdiff_jax.data import pipeline
+from fdiff_jax.errors import UserError
+from fdiff_jax.models import build_model, count_params, init_params
+from fdiff_jax.train_state import make_optimizer
+
+WORKLOADS = ('train', 'sample')
+MATMUL_SIZE = 2048
+
+# Published dense bf16 peaks (TFLOP/s), matched in order against device_kind.
+PUBLISHED_PEAK_TFLOPS = (
+    ('h100', 989.0), ('h200', 989.0), ('a100', 312.0), ('tpu v4', 275.0),
+    ('tpu v5 lite', 197.0), ('tpu v5e', 197.0), ('tpu v5', 459.0),
+    ('tpu v6 lite', 918.0), ('tpu v6e', 918.0),
+)
+
+
+def parse_workloads(text):
+  """'train,sample' -> ('train', 'sample'); anything else is a UserError."""
+  names = tuple(w.strip() for w in text.split(',') if w.strip())
+  bad = [w for w in names if w not in WORKLOADS]
+  if bad or not names:
+    raise UserError(f"--what {text!r}: expected a comma-separated subset of {','.join(WORKLOADS)}")
+  return names
+
+
+def published_peak_tflops(device_kind):
+  """The published bf16 peak of a known accelerator, else None."""
+  kind = device_kind.lower()
+  return next((peak for name, peak in PUBLISHED_PEAK_TFLOPS if name in kind), None)
+
+
+def time_calls(fn, repeats):
+  """Seconds of `repeats` calls of fn() after one warm-up, each blocking on its result."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def compile_timed(jitted, *args):
+  """(compiled executable, seconds spent lowering and compiling)."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def xla_flops(stage):
+  """FLOPs of a lowered or compiled program by XLA's cost analysis (loop bodies count once)."""
+  analysis = stage.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis['flops'])
+
+
+def matmul_flops_per_sec(repeats, n=MATMUL_SIZE):
+  """Median FLOP/s of a float32 n x n matmul: the same-run ceiling on CPU."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul, _ = compile_timed(jax.jit(jnp.matmul), a, a)
+  return 2 * n**3 / statistics.median(time_calls(lambda: matmul(a, a), repeats))
+
+
+def peak_memory():
+  """(bytes, source): the device's peak allocation where reported, else host peak RSS."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device'
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host_rss'
+
+
+def random_inputs(config, batch, num_attributes, seed=0):
+  """Images in [-1, 1] and +-1 attributes of the configured shape, as numpy."""
+  rng = np.random.default_rng(seed)
+  image = rng.uniform(-1, 1, (batch,) + pipeline.image_shape(config)).astype(np.float32)
+  attributes = rng.choice([-1.0, 1.0], (batch, num_attributes)).astype(np.float32)
+  return image, attributes
+
+
+def summarize(times, images, flops, peak_tflops, ceiling):
+  """Timing statistics, throughput, achieved FLOP/s and utilisations of one workload."""
+  median = statistics.median(times)
+  achieved = flops / median
+  return {
+      'seconds_median': median, 'seconds_min': min(times), 'seconds_max': max(times),
+      'images_per_sec': images / median, 'images_per_sec_min': images / max(times),
+      'images_per_sec_max': images / min(times),
+      'flops_per_call': flops, 'achieved_tflops': achieved / 1e12,
+      'utilisation_vs_peak': achieved / (peak_tflops * 1e12) if peak_tflops else None,
+      'matmul_ceiling_tflops': ceiling / 1e12 if ceiling else None,
+      'utilisation_vs_matmul': achieved / ceiling if ceiling else None,
+  }
+
+
+def bench_train(config, model, mesh, batch, repeats):
+  """Compile time and steady-state timing of the jitted, state-donating train step."""
+  tx = make_optimizer(config.train)
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+  step = jax.jit(
+      functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config),
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+      donate_argnums=0)
+  state = train.init_state(config, model, tx, mesh)
+  image, attributes = random_inputs(config, batch, model.num_attributes or 1)
+  data = parallel.global_batch({'image': image, 'attributes': attributes}, mesh)
+  compiled, compile_s = compile_timed(step, state, data)
+
+  def call():
+    nonlocal state
+    state, metrics = compiled(state, data)
+    return metrics
+
+  return compile_s, xla_flops(compiled), time_calls(call, repeats)
+
+
+def bench_sample(config, model, mesh, batch, repeats, *, sampler, steps, guidance):
+  """Compile time and timing of the whole jitted sampler; FLOPs = steps x one guided call."""
+  sample_fn = sampling.make_sample_fn(model, config, sampler=sampler, steps=steps)
+  whole = jax.jit(lambda p, x, a, rng: sample_fn(p, x, a, rng, guidance))
+  put = lambda x: jax.device_put(x, parallel.replicated(mesh))
+  params = init_params(model, jax.random.key(config.seed), pipeline.image_shape(config),
+                       out_sharding=parallel.replicated(mesh))
+  image, attributes = map(put, random_inputs(config, batch, model.num_attributes or 1))
+  args = (params, image, attributes, jax.random.key(1))
+  compiled, compile_s = compile_timed(whole, *args)
+  step_flops = xla_flops(jax.jit(functools.partial(guided_call, model, guidance)).lower(*args[:3]))
+  return compile_s, step_flops * steps, time_calls(lambda: compiled(*args), repeats)
+
+
+def guided_call(model, guidance, params, x, attributes):
+  """One denoiser evaluation as the samplers make it (both CFG branches when w != 1)."""
+  model_fn = lambda x, t, a: model.apply({'params': params}, x, t, a)
+  t = jnp.zeros((x.shape[0],), jnp.int32)
+  return diffusion.guided_output(model_fn, x, t, attributes if model.num_attributes else None,
+                                 guidance)
+
+
+def parameter_count(model, image_shape):
+  """Number of parameters of `model`, from shapes only."""
+  x = jnp.zeros((1,) + tuple(image_shape))
+  a = jnp.zeros((1, model.num_attributes)) if model.num_attributes else None
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((1,), jnp.int32), a)
+  return count_params(shapes['params'])
+
+
+def machine():
+  """What ran the benchmark: device, host, software and load."""
+  device = jax.local_devices()[0]
+  return {
+      'platform': device.platform, 'device_kind': device.device_kind,
+      'num_devices': jax.device_count(), 'processor': platform.processor() or platform.machine(),
+      'cpu_count': os.cpu_count(), 'load_average': list(os.getloadavg()),
+      'jax_version': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+
+
+def run(config, *, what=WORKLOADS, batch=None, sampler=None, steps=None, guidance=None,
+        repeats=5, peak_tflops=None):
+  """Benchmarks the workloads in `what`; returns a JSON-ready dict."""
+  if repeats < 1:
+    raise UserError(f'--repeats must be at least 1, got {repeats}')
+  batch = batch or config.train.batch_size
+  sampler = sampler or config.sample.sampler
+  steps = steps or config.sample.steps
+  guidance = config.sample.guidance if guidance is None else guidance
+  if sampler == 'ddpm':
+    steps = config.diffusion.timesteps
+  mesh = parallel.create_mesh()
+  parallel.check_global_batch(batch, mesh)
+  info = machine()
+  peak = peak_tflops or published_peak_tflops(info['device_kind'])
+  model = build_model(config.model, len(pipeline.attribute_names(config)))
+  shape = pipeline.image_shape(config)
+  result = {'machine': info, 'peak_tflops': peak,
+            'model': {'params': parameter_count(model, shape), 'image_shape': list(shape),
+                      'dtype': config.model.dtype}}
+  for name in what:
+    if name == 'train':
+      compile_s, flops, times = bench_train(config, model, mesh, batch, repeats)
+      extra = {}
+    else:
+      compile_s, flops, times = bench_sample(config, model, mesh, batch, repeats,
+                                             sampler=sampler, steps=steps, guidance=guidance)
+      extra = {'sampler': sampler, 'steps': steps, 'guidance': guidance}
+    ceiling = matmul_flops_per_sec(repeats) if info['platform'] == 'cpu' else None
+    memory, memory_source = peak_memory()
+    result[name] = {'batch': batch, **extra, 'compile_seconds': compile_s,
+                    **summarize(times, batch, flops, peak, ceiling),
+                    'peak_memory_bytes': memory, 'peak_memory_source': memory_source}
+  return result
+
+
+def _percent(x):
+  return '-' if x is None else f'{100 * x:.0f}%'
+
+
+def format_table(result):
+  """A readable table of a `run` result."""
+  m = result['machine']
+  lines = [f"{m['device_kind']} ({m['platform']}, {m['num_devices']} device(s), "
+           f"{m['cpu_count']} CPUs, load {' '.join(f'{x:.2f}' for x in m['load_average'])}); "
+           f"model {result['model']['params'] / 1e6:.2f}M params, "
+           f"{'x'.join(map(str, result['model']['image_shape']))} {result['model']['dtype']}",
+           f"{'':8}{'batch':>6}{'compile s':>10}{'median s (min-max)':>26}{'images/s':>10}"
+           f"{'GFLOP/call':>12}{'TFLOP/s':>9}{'vs peak':>8}{'vs matmul':>10}{'peak mem':>10}"]
+  for name in WORKLOADS:
+    if name not in result:
+      continue
+    r = result[name]
+    spread = f"{r['seconds_median']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f})"
+    lines.append(f"{name:8}{r['batch']:>6}{r['compile_seconds']:>10.1f}{spread:>26}"
+                 f"{r['images_per_sec']:>10.2f}{r['flops_per_call'] / 1e9:>12.1f}"
+                 f"{r['achieved_tflops']:>9.3f}{_percent(r['utilisation_vs_peak']):>8}"
+                 f"{_percent(r['utilisation_vs_matmul']):>10}"
+                 f"{r['peak_memory_bytes'] / 2**30:>7.2f}GiB")
+  for name in WORKLOADS:
+    if result.get(name, {}).get('matmul_ceiling_tflops'):
+      lines.append(f"{name}: float32 {MATMUL_SIZE}^2 matmul ceiling "
+                   f"{result[name]['matmul_ceiling_tflops']:.3f} TFLOP/s")
+  if 'sample' in result:
+    s = result['sample']
+    lines.append(f"sample: {s['sampler']} {s['steps']} steps, guidance {s['guidance']}")
+  return '\n'.join(lines)
+
+
+def write_json(result, path):
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2)
