@@ -1,7 +1,8 @@
 """Offline quickstart: class-conditional diffusion on scikit-learn's bundled digits.
 
 1,797 real 8x8 handwritten digits, upsampled to 16x16; 10 attributes ("0".."9").
-Trains in minutes on a laptop CPU and ends with sample grids in workdir/samples.
+Trains in under 10 minutes on a 2-core CPU (1,800 steps of 32 images; XLA:CPU
+convolutions are the cost) and ends with sample grids in workdir/samples.
 """
 from configs import default
 
@@ -21,15 +22,15 @@ def get_config():
   config.model.dropout = 0.0
 
   config.diffusion.schedule = 'cosine'
-  config.train.batch_size = 64
-  config.train.num_steps = 3000
+  config.train.batch_size = 32
+  config.train.num_steps = 1800
   config.train.learning_rate = 1e-3
-  config.train.warmup_steps = 200
+  config.train.warmup_steps = 100
   config.train.lr_schedule = 'cosine'
   config.train.ema_decay = 0.999
   config.train.log_every = 100
-  config.train.checkpoint_every = 1000
-  config.train.sample_every = 1000
+  config.train.checkpoint_every = 600
+  config.train.sample_every = 600
 
   config.sample.guidance = 2.0
   config.sample.grid_prompts = ('',) + tuple(str(d) for d in range(10))

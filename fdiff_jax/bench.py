@@ -84,12 +84,31 @@ def matmul_flops_per_sec(repeats, n=MATMUL_SIZE):
   return 2 * n**3 / statistics.median(time_calls(lambda: matmul(a, a), repeats))
 
 
-def peak_memory():
-  """(bytes, source): the device's peak allocation where reported, else host peak RSS."""
+def reset_host_peak():
+  """Restarts the process's peak-RSS count (Linux); True if it could."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+def peak_memory(host_peak_was_reset):
+  """(bytes, source) of the last workload's peak memory.
+
+  'device': the accelerator's peak allocation, over the whole process (JAX
+  cannot reset it). 'host_rss': the peak RSS since `reset_host_peak` on Linux,
+  'host_rss_process' (the whole process's peak) where it could not be reset.
+  """
   stats = jax.local_devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device'
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host_rss'
+  if host_peak_was_reset:
+    with open('/proc/self/status') as f:
+      peak_kib = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+    return peak_kib * 1024, 'host_rss'
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host_rss_process'
 
 
 def random_inputs(config, batch, num_attributes, seed=0):
@@ -199,6 +218,7 @@ def run(config, *, what=WORKLOADS, batch=None, sampler=None, steps=None, guidanc
             'model': {'params': parameter_count(model, shape), 'image_shape': list(shape),
                       'dtype': config.model.dtype}}
   for name in what:
+    host_peak_was_reset = reset_host_peak()
     if name == 'train':
       compile_s, flops, times = bench_train(config, model, mesh, batch, repeats)
       extra = {}
@@ -207,7 +227,7 @@ def run(config, *, what=WORKLOADS, batch=None, sampler=None, steps=None, guidanc
                                              sampler=sampler, steps=steps, guidance=guidance)
       extra = {'sampler': sampler, 'steps': steps, 'guidance': guidance}
     ceiling = matmul_flops_per_sec(repeats) if info['platform'] == 'cpu' else None
-    memory, memory_source = peak_memory()
+    memory, memory_source = peak_memory(host_peak_was_reset)
     result[name] = {'batch': batch, **extra, 'compile_seconds': compile_s,
                     **summarize(times, batch, flops, peak, ceiling),
                     'peak_memory_bytes': memory, 'peak_memory_source': memory_source}

@@ -8,8 +8,9 @@ import os
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
-from fdiff_jax import config_utils
+from fdiff_jax import config_utils, images
 from fdiff_jax.data import pipeline
 from fdiff_jax.errors import UserError
 from fdiff_jax.models import build_model
@@ -19,26 +20,27 @@ CONFIG_FILE = 'config.json'
 
 
 def save_config(workdir, config):
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
-    f.write(config_utils.config_to_json(config))
-  os.replace(path + '.tmp', path)
+  images.write_atomically(os.path.join(workdir, CONFIG_FILE),
+                          lambda f: f.write(config_utils.config_to_json(config).encode()))
 
 
 def load_config(workdir):
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.is_file():
     raise UserError(f'{path} not found: {workdir!r} is not a training workdir '
                     '(train one with `fdiff train --config ... --workdir ...`)')
-  with open(path) as f:
-    return config_utils.config_from_json(f.read())
+  return config_utils.config_from_json(path.read_text())
+
+
+def absolute(path):
+  """An absolute local path (orbax needs one); URLs such as gs://bucket/run stay as they are."""
+  return path if '://' in path else os.path.abspath(path)
 
 
 def checkpoint_manager(workdir, max_to_keep=None, asynchronous=True):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+  return ocp.CheckpointManager(absolute(os.path.join(workdir, 'checkpoints')),
                                options=options)
 
 

@@ -35,6 +35,11 @@ def cmd_train(args, unknown):
 
 def cmd_synth_celeba(args, unknown):
   from fdiff_jax.data import synth_celeba
+  official = f'{synth_celeba.HEIGHT}x{synth_celeba.WIDTH}'
+  if args.size.lower() != official:
+    raise UserError(f'--size {args.size}: CelebA\'s aligned images are {official} (HxW) and the '
+                    'celeba builder checks it; set the training resolution with '
+                    '--config.data.image_size instead')
   synth_celeba.write_synthetic_celeba(args.dir, num=args.num, seed=args.seed, layout=args.layout)
   print(f'wrote {args.num} synthetic CelebA images to {args.dir}')
 
@@ -279,6 +284,7 @@ def build_parser():
   p = data.add_parser('synth-celeba', help='write a synthetic CelebA in the official file layout')
   p.add_argument('dir')
   p.add_argument('--num', type=int, default=2000)
+  p.add_argument('--size', default='218x178', help='JPEG size HxW; only the official 218x178')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--layout', choices=('official', 'kaggle'), default='official')
   p.set_defaults(func=cmd_synth_celeba)

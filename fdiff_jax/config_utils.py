@@ -4,6 +4,7 @@ import difflib
 import importlib.util
 import json
 import os
+import sys
 
 import ml_collections
 
@@ -14,9 +15,19 @@ def load_config_file(path):
   """Runs `get_config()` of the Python file at `path`."""
   if not os.path.isfile(path):
     raise UserError(f'config file {path!r} not found; pass e.g. --config configs/digits.py')
+  # Variants import their base (`from configs import default`): make the folder
+  # holding the `configs` package importable, wherever the command runs from.
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isfile(os.path.join(folder, '__init__.py')):
+    root = os.path.dirname(folder)
+    if root not in sys.path:
+      sys.path.insert(0, root)
   spec = importlib.util.spec_from_file_location('_fdiff_config', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except (ImportError, SyntaxError) as e:
+    raise UserError(f'config file {path!r} cannot be loaded: {e}') from None
   if not hasattr(module, 'get_config'):
     raise UserError(f'config file {path!r} defines no get_config()')
   return module.get_config()

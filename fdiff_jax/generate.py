@@ -155,8 +155,8 @@ def invert(config, model, params, images, attributes, *, steps=None, guidance=No
   attributes = check_attributes(config, attributes)
   invert_fn = _memoised(sampling.make_invert_fn, model, config,
                         steps=steps or config.sample.steps)
-  w = np.full(len(images), _guidance(config, guidance), np.float32)
-  return _batched(lambda b, x, a, w: invert_fn(params, x, a, w),
+  w = _guidance(config, guidance, len(images))
+  return _batched(lambda b, x, a, w: invert_fn(params, x, a, _static_if_one(w)),
                   (np.asarray(images, np.float32), attributes, w), batch_size)
 
 
@@ -164,24 +164,29 @@ def edit(config, model, params, images, source, target, *, method='inversion', s
          guidance=None, steps=None, seed=0, batch_size=None):
   """(reconstructions, edits), each [N, H, W, C], of images [N, H, W, C] in [-1, 1].
 
-  'inversion': DDIM-invert under the source attributes [N, A], then sample back
-  under the source (the reconstruction) and the target attributes (the edit).
+  'inversion': DDIM-invert under the source attributes [N, A] without guidance
+  (w = 1: inverting a guided model drifts), sample back under the source at
+  w = 1 (the reconstruction) and under the target at `guidance` (the edit).
   'sdedit': noise to timestep round(strength * T) with noise column i of `seed`
-  and denoise with round(strength * steps) DDIM steps under source and target.
+  and denoise with round(strength * steps) DDIM steps under source and target,
+  both at `guidance`.
   """
   source, target = check_attributes(config, source), check_attributes(config, target)
   steps = steps or config.sample.steps
+  n = len(source)
+  edit_w = _guidance(config, guidance, n)
   if method == 'inversion':
-    latents = invert(config, model, params, images, source, steps=steps, guidance=guidance,
+    latents = invert(config, model, params, images, source, steps=steps, guidance=1.0,
                      batch_size=batch_size)
-    options = dict(steps=steps, clip_x0=False)
+    options, source_w = dict(steps=steps, clip_x0=False), np.ones(n, np.float32)
   elif method == 'sdedit':
-    latents, options = _sdedit_start(config, images, strength, steps, seed)
+    (latents, options), source_w = _sdedit_start(config, images, strength, steps, seed), edit_w
   else:
     raise UserError(f'unknown edit method {method!r}; use one of {", ".join(EDIT_METHODS)}')
   out = _sample(config, model, params, np.concatenate([latents, latents]),
-                np.concatenate([source, target]), seed=seed, guidance=guidance,
-                batch_size=batch_size, sampler='ddim', eta=0.0, **options)
+                np.concatenate([source, target]), seed=seed,
+                guidance=np.concatenate([source_w, edit_w]), batch_size=batch_size,
+                sampler='ddim', eta=0.0, **options)
   return out[:len(source)], out[len(source):]
 
 
@@ -212,14 +217,23 @@ def _sample(config, model, params, x_T, attributes, *, seed, guidance=None, batc
   """Samples from the given starting noise; `options` go to `sampling.make_sample_fn`."""
   sample_fn = _memoised(sampling.make_sample_fn, model, config, **options)
   step_key = _seed_keys(seed)[1]
-  w = np.full(len(x_T), _guidance(config, guidance), np.float32)
-  run = lambda b, x, a, w: sample_fn(params, x, a, jax.random.fold_in(step_key, b), w)
+  w = _guidance(config, guidance, len(x_T))
+  run = lambda b, x, a, w: sample_fn(params, x, a, jax.random.fold_in(step_key, b), _static_if_one(w))
   return _batched(run, (x_T, attributes, w), batch_size)
 
 
-def _guidance(config, guidance):
-  """The guidance scale, `config.sample.guidance` by default."""
-  return config.sample.guidance if guidance is None else guidance
+def _guidance(config, guidance, n):
+  """Per-sample guidance [n] from a scalar or [n] array, `config.sample.guidance` by default."""
+  w = config.sample.guidance if guidance is None else guidance
+  return np.broadcast_to(np.asarray(w, np.float32), (n,)).copy()
+
+
+def _static_if_one(w):
+  """w == 1 everywhere -> the float 1.0, so the sampler skips the unconditional branch.
+
+  Other scales stay a traced array: one compilation serves every w.
+  """
+  return 1.0 if np.all(w == 1.0) else w
 
 
 def _seed_keys(seed):
@@ -231,8 +245,8 @@ def _batched(fn, arrays, batch_size):
   """Concatenated fn(batch index, *batches) over the leading axis, one line of progress per batch.
 
   Batches are padded to `batch_size` (default: n, at most DEFAULT_BATCH_SIZE), so `fn`
-  sees one shape; guidance is a per-sample array, so it is traced, not compiled in.
-  An image's bits then depend on the batch shape, not on the other images in its batch.
+  sees one shape. An image's bits then depend on the batch shape, not on the other
+  images in its batch.
   """
   n = len(arrays[0])
   if n < 1 or (batch_size is not None and batch_size < 1):

@@ -1,7 +1,9 @@
 """Image file boundaries: [-1, 1] float arrays <-> uint8, grids, PNG and GIF."""
+import io
 import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -27,25 +29,35 @@ def _pil(image):
   return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
+def write_atomically(path, save):
+  """Writes `path` (local or e.g. gs://) via save(file) to a temporary sibling, then renames.
+
+  Never leaves a half-written file behind.
+  """
+  buffer = io.BytesIO()
+  save(buffer)
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / (target.name + '.tmp')
+  tmp.write_bytes(buffer.getvalue())
+  tmp.replace(target)
+
+
+def _scaled(image, scale):
+  img = _pil(image)
+  return img if scale == 1 else img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
 def save_png(path, image, scale=1):
   """Writes an HWC uint8 image; `scale` enlarges small images (nearest)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img = _pil(image)
-  if scale != 1:
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  tmp = path + '.tmp.png'
-  img.save(tmp)
-  os.replace(tmp, path)   # never leave a half-written image behind
+  write_atomically(path, lambda f: _scaled(image, scale).save(f, format='PNG'))
 
 
 def save_gif(path, frames, duration_ms=120, scale=1):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  imgs = [_pil(f) for f in frames]
-  if scale != 1:
-    imgs = [i.resize((i.width * scale, i.height * scale), Image.NEAREST) for i in imgs]
-  tmp = path + '.tmp.gif'
-  imgs[0].save(tmp, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0)
-  os.replace(tmp, path)
+  imgs = [_scaled(f, scale) for f in frames]
+  write_atomically(path, lambda f: imgs[0].save(f, format='GIF', save_all=True,
+                                                append_images=imgs[1:], duration=duration_ms,
+                                                loop=0))
 
 
 def grid_image(images):

@@ -140,12 +140,20 @@ class _ConsoleLog:
           flush=True)
 
 
-def _check_finite(pending, last_saved):
+def _check_finite(pending, manager):
+  """Stops on the first NaN/Inf loss, dropping the checkpoint whose parameters produced it.
+
+  The loss of step s is computed from the parameters saved as step s - 1, so
+  that checkpoint is not good either; earlier ones are.
+  """
   for step, m in pending:
     if not np.isfinite(m['loss']):
+      manager.wait_until_finished()
+      for bad in [s for s in manager.all_steps() if s >= step - 1]:
+        manager.delete(bad)
       raise TrainingDiverged(
           f'loss is {m["loss"]} at step {step}; stopped. The last good checkpoint '
-          f'(step {last_saved}) is intact; lower --config.train.learning_rate or '
+          f'(step {manager.latest_step()}) is intact; lower --config.train.learning_rate or '
           'check the data')
 
 
@@ -185,36 +193,37 @@ def train_and_evaluate(config, workdir, mesh=None):
   with parallel.main_process_first('prepare_dataset'):  # Once, also on a shared data_dir.
     batches = pipeline.create_train_iterator(config, start_step=start)
 
-  history, pending, last_saved = [], [], manager.latest_step()
+  history, pending = [], []
   console = _ConsoleLog(start, num_steps)
-  with _Preemption() as preemption:
-    for step in range(start + 1, num_steps + 1):
-      batch = parallel.global_batch(next(batches), mesh)
-      state, metrics = step_fn(state, batch)
-      pending.append((step, metrics))
-      report(step)
-      log_now = step % config.train.log_every == 0 or step == num_steps
-      preempted = preemption.reached(step)
-      save_now = step % config.train.checkpoint_every == 0 or step == num_steps or preempted
-      if log_now or save_now:
-        pending = [(s, jax.device_get(m)) for s, m in pending]
-        _check_finite(pending, last_saved)
-      if log_now:
-        summary = {k: float(np.mean([m[k] for _, m in pending])) for k in pending[0][1]}
-        writer.write_scalars(step, summary)   # ReportProgress adds steps_per_sec and ETA
-        if main:
-          console.log(step, summary)
-        history.append({'step': step, **summary})
-        pending = []
-      if save_now:
-        checkpoints.save(manager, step, state)
-        last_saved = step
-      if step % config.train.sample_every == 0 or step == num_steps:
-        write_sample_grid(config, model, state, names, mesh, writer, workdir, sample_fn)
-      if preempted:
-        logging.warning('SIGTERM: saved a checkpoint at step %d and stopped', step)
-        break
-  manager.wait_until_finished()
-  manager.close()
-  writer.flush()
+  try:  # Even when the loss diverges: finish pending saves so the last good one is whole.
+    with _Preemption() as preemption:
+      for step in range(start + 1, num_steps + 1):
+        batch = parallel.global_batch(next(batches), mesh)
+        state, metrics = step_fn(state, batch)
+        pending.append((step, metrics))
+        report(step)
+        log_now = step % config.train.log_every == 0 or step == num_steps
+        preempted = preemption.reached(step)
+        save_now = step % config.train.checkpoint_every == 0 or step == num_steps or preempted
+        if log_now or save_now:
+          pending = [(s, jax.device_get(m)) for s, m in pending]
+          _check_finite(pending, manager)
+        if log_now:
+          summary = {k: float(np.mean([m[k] for _, m in pending])) for k in pending[0][1]}
+          writer.write_scalars(step, summary)   # ReportProgress adds steps_per_sec and ETA
+          if main:
+            console.log(step, summary)
+          history.append({'step': step, **summary})
+          pending = []
+        if save_now:
+          checkpoints.save(manager, step, state)
+        if step % config.train.sample_every == 0 or step == num_steps:
+          write_sample_grid(config, model, state, names, mesh, writer, workdir, sample_fn)
+        if preempted:
+          logging.warning('SIGTERM: saved a checkpoint at step %d and stopped', step)
+          break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
   return history

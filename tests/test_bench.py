@@ -35,7 +35,7 @@ def test_every_field_is_finite_and_positive(report, workload):
   for field in WORKLOAD_FIELDS:
     assert isinstance(r[field], (int, float)) and math.isfinite(r[field]) and r[field] > 0, field
   assert r['seconds_min'] <= r['seconds_median'] <= r['seconds_max']
-  assert r['peak_memory_source'] in ('device', 'host_rss')
+  assert r['peak_memory_source'] in ('device', 'host_rss', 'host_rss_process')
 
 
 @pytest.mark.parametrize('workload', bench.WORKLOADS)
@@ -62,3 +62,27 @@ def test_published_peaks_match_device_kinds():
   assert bench.published_peak_tflops('TPU v5 lite') == 197.0
   assert bench.published_peak_tflops('TPU v5p') == 459.0
   assert bench.published_peak_tflops('cpu') is None
+
+
+def test_sampling_flops_count_every_step_and_both_guidance_branches():
+  from fdiff_jax import config_utils  # pylint: disable=import-outside-toplevel
+  from fdiff_jax.models import build_model  # pylint: disable=import-outside-toplevel
+  config = config_utils.load_config(CONFIG, ['model.ch=8'])
+  model = build_model(config.model, 40)
+  mesh = bench.parallel.create_mesh()
+  flops = {(steps, w): bench.bench_sample(config, model, mesh, 2, 1, sampler='ddim', steps=steps,
+                                          guidance=w)[1]
+           for steps, w in ((2, 1.0), (2, 3.0), (4, 3.0))}
+  assert math.isclose(flops[4, 3.0], 2 * flops[2, 3.0])
+  assert 1.9 < flops[2, 3.0] / flops[2, 1.0] < 2.1   # w != 1 evaluates cond and uncond.
+
+
+def test_host_peak_is_per_workload_after_a_reset():
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  big = np.ones(300 * 2**20 // 8)   # 300 MiB touched, then freed.
+  before = bench.peak_memory(False)[0]
+  del big
+  if not bench.reset_host_peak():
+    pytest.skip('no /proc/self/clear_refs on this system')
+  after, source = bench.peak_memory(True)
+  assert source == 'host_rss' and after < before - 200 * 2**20

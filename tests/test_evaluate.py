@@ -93,11 +93,12 @@ def test_without_weights_reports_offline_metrics_and_how_to_get_them(setup, tmp_
 
 def test_classifier_of_another_dataset_is_a_one_line_error(setup, tmp_path, capsys):
   root, _ = setup
-  config_dir = tmp_path / 'digits_clf'
-  os.makedirs(config_dir)
-  from fdiff_jax import checkpoints, config_utils  # pylint: disable=import-outside-toplevel
-  checkpoints.save_config(str(config_dir), config_utils.load_config('configs/digits.py'))
-  assert cli.main(['evaluate', '--workdir', str(root / 'cond'), '--classifier', str(config_dir),
+  clf = str(tmp_path / 'digits_clf')   # A real (one-step) classifier, of the digits.
+  assert cli.main(['train-classifier', '--config', 'configs/digits.py', '--workdir', clf,
+                   '--config.classifier.width=8', '--config.classifier.num_steps=1',
+                   f'--config.data.data_dir={tmp_path / "tfds"}']) == 0
+  capsys.readouterr()
+  assert cli.main(['evaluate', '--workdir', str(root / 'cond'), '--classifier', clf,
                    '--num-samples', '4', '--no-fid']) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and 'checkpoint' in err[0]
+  assert len(err) == 1 and 'celeba model' in err[0] and 'trained on digits' in err[0]

@@ -2,13 +2,14 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import digits as digits_config
 from configs import test as test_config
-from fdiff_jax import checkpoints, cli, generate, train
+from fdiff_jax import checkpoints, cli, generate, sampling, train
 from fdiff_jax.data import synth_celeba
 from fdiff_jax.errors import UserError
 
@@ -88,6 +89,14 @@ def test_sweep_rows_are_plain_samples_with_the_same_noise(loaded):
                                     guidance=w, **options)
     np.testing.assert_array_equal(row[0], direct)
   assert np.abs(sweep[0] - sweep[1]).mean() > 1e-3  # w matters.
+  # The w = 1 row is the conditional model alone; the guided formula at w = 1 agrees.
+  sample_fn = sampling.make_sample_fn(model, config, **options)
+  x_T, rows = generate.initial_noise(config, 2, 3), np.repeat(a, 3, axis=0)
+  key = jax.random.fold_in(jax.random.split(jax.random.key(2))[1], 0)
+  conditional = sample_fn(params, x_T, rows, key, 1.0)
+  both_branches = sample_fn(params, x_T, rows, key, np.ones(3, np.float32))
+  np.testing.assert_allclose(sweep[0, 0], conditional, atol=1e-5)
+  np.testing.assert_allclose(both_branches, conditional, atol=1e-4)
 
 
 def test_interpolation_endpoints_equal_direct_samples(loaded):

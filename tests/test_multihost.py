@@ -265,3 +265,23 @@ def test_cli_reports_bad_multihost_flags_in_one_line(no_multihost_env, tmp_path,
                    '--num_processes', '2', '--process_id', '0'])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and 'coordinator_address' in err[0]
+
+
+def test_launch_scripts_are_shellcheck_clean():
+  scripts = [os.path.join(REPO, 'launch', name) for name in
+             ('tpu_vm.sh', 'slurm.sbatch', 'local_multiprocess.sh')]
+  out = subprocess.run(['shellcheck', '--shell=bash', *scripts], capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stdout[-3000:]
+
+
+def test_local_multiprocess_launcher_trains_two_processes(celeba_dirs, tmp_path):
+  """launch/local_multiprocess.sh, as a user runs it: 2 processes, one checkpoint at the end."""
+  workdir = str(tmp_path / 'w')
+  args = train_args(celeba_dirs, workdir, num_steps=2, checkpoint_every=2)[1:]
+  env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), LOG_DIR=str(tmp_path / 'logs'))
+  out = subprocess.run(['bash', os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '2', *args],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=PHASE_TIMEOUT_S)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert checkpoint_steps(workdir) == [2]
+  assert sorted(os.listdir(tmp_path / 'logs')) == ['process_0.log', 'process_1.log']

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from fdiff_jax import cli
 from fdiff_jax.data import CELEBA_ATTRIBUTES, RENDERED_ATTRIBUTES
 from fdiff_jax.data import render_face, write_synthetic_celeba
 from fdiff_jax.data.synth_celeba import sample_attributes
@@ -124,3 +125,16 @@ def test_identity_controls_the_rest():
   a = render_face({'Smiling': True}, 0)
   assert np.array_equal(a, render_face({'Smiling': True}, 0))
   assert not np.array_equal(a, render_face({'Smiling': True}, 1))
+
+
+def test_cli_writes_the_official_files_and_refuses_other_sizes(tmp_path, capsys):
+  out = str(tmp_path / 'synth')
+  assert cli.main(['data', 'synth-celeba', out, '--num', '5', '--size', '218x178',
+                   '--seed', '3']) == 0
+  assert sorted(os.listdir(out)) == ['img_align_celeba.zip', 'list_attr_celeba.txt',
+                                     'list_eval_partition.txt']
+  capsys.readouterr()
+  assert cli.main(['data', 'synth-celeba', str(tmp_path / 'small'), '--size', '64x64']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and '218x178' in err[0]
+  assert not os.path.exists(tmp_path / 'small')

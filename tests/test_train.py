@@ -111,6 +111,14 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(celeba_dirs,
   assert steps and max(steps) < 8
   step, params, _ = final_params(str(tmp_path), config)
   assert step == max(steps)
+  # "Good" means its parameters still give a finite loss (those of the next step did not).
+  model = build_model(config.model, 40)
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+  batch = next(pipeline.create_train_iterator(config, start_step=step))
+  model_fn = lambda x, t, a: model.apply({'params': params}, x, t, a)
+  loss = diffusion.diffusion_loss(model_fn, schedule, batch['image'], batch['attributes'],
+                                  jax.random.key(0))
+  assert np.isfinite(float(loss))
 
 
 def _run_fdiff(args, **kwargs):
@@ -132,6 +140,17 @@ def test_bad_config_file_and_bad_value_are_errors(tmp_path, capsys):
                    '--config.train.batch_size=eight']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 2 and 'nope.py' in err[0] and 'eight' in err[1]
+
+
+def test_config_variants_load_from_any_directory(tmp_path):
+  """`fdiff train --config configs/digits.py` must work outside the repo root too."""
+  code = ('import sys; from fdiff_jax import config_utils; '
+          'print(config_utils.load_config(sys.argv[1]).data.dataset)')
+  out = subprocess.run([sys.executable, '-c', code, os.path.join(REPO, 'configs', 'digits.py')],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == 'digits'
 
 
 def test_config_round_trips_through_the_workdir(tmp_path):
@@ -201,3 +220,9 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(celeba_dirs, tm
   assert len(steps) == 1 and 0 < steps[0] < 100000
   step, _, _ = final_params(workdir, make_config(celeba_dirs))
   assert step == steps[0]
+
+
+def test_cloud_workdirs_keep_their_url():
+  """A gs:// workdir (multi-host on Cloud TPU) must not become a local path."""
+  assert checkpoints.absolute('gs://bucket/run/checkpoints') == 'gs://bucket/run/checkpoints'
+  assert checkpoints.absolute('runs/x') == os.path.join(os.getcwd(), 'runs', 'x')

@@ -11,6 +11,7 @@ from typing import Callable
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import download_manager
 
 from fdiff_jax.data import celeba
 from fdiff_jax.data import digits
@@ -75,7 +76,7 @@ def _prepare_tfds(name):
     try:
       with _quiet_progress():
         builder.download_and_prepare()
-    except (tfds.download.NonMatchingChecksumError, OSError) as e:
+    except (download_manager.NonMatchingChecksumError, tfds.download.DownloadError, OSError) as e:
       hint = (' (for CelebA download the files by hand and use'
               ' --config.data.dataset=celeba)' if name == 'celeb_a' else '')
       raise UserError(f'could not download TFDS {name}{hint}: {e}'.replace(
