@@ -95,7 +95,7 @@ def _join_attribute_values(argv):
 def _load(args):
   """(config, model, EMA params) of the workdir, after checking that some output is asked for."""
   from fdiff_jax import checkpoints
-  if not (args.out or args.out_dir):
+  if not (args.out or args.out_dir or getattr(args, 'gif', None)):
     raise UserError('nothing would be written; give --out FILE.png and/or --out-dir DIR')
   return checkpoints.load_model(args.workdir, args.checkpoint_step)[:3]
 
@@ -169,11 +169,18 @@ def cmd_edit(args, unknown):
   from fdiff_jax import generate
   config, model, params = _load(args)
   image = generate.load_image(args.image, config)[None]
-  if args.source == 'auto':
-    classifier_dir = args.classifier or os.path.join(args.workdir, 'classifier')
+  classifier_dir = args.classifier or os.path.join(args.workdir, 'classifier')
+  source_text = args.source
+  if source_text is None:  # Read them with the classifier if there is one, else ask.
+    if not os.path.isdir(os.path.join(classifier_dir, 'checkpoints')):
+      raise UserError('give the photo\'s attributes with --source "Smiling,-Male,..." (\'\' for '
+                      'none), or train a classifier with `fdiff train-classifier --workdir '
+                      f'{classifier_dir}` to read them (--source auto)')
+    source_text = 'auto'
+  if source_text == 'auto':
     source = generate.predicted_attributes(config, image, classifier_dir)
   else:
-    source = generate.attribute_vector(config, args.source)[None]
+    source = generate.attribute_vector(config, source_text)[None]
   target = generate.updated_attributes(source, generate.attribute_vector(config, args.set))
   reconstruction, edited = generate.edit(
       config, model, params, image, source, target, method=args.method, strength=args.strength,
@@ -250,8 +257,9 @@ def build_parser():
   _add_generation_flags(p)
   p.add_argument('--image', required=True, help='photo to edit (JPEG, PNG, ...)')
   p.add_argument('--set', default='', help='attributes to change, e.g. "Eyeglasses,-Smiling"')
-  p.add_argument('--source', default='', help="the photo's attributes, or 'auto' to read them "
-                 "with the attribute classifier (default: '' = all unspecified)")
+  p.add_argument('--source', help="the photo's attributes ('' = all unspecified), or 'auto' to "
+                 'read them with the attribute classifier (default: auto if WORKDIR/classifier '
+                 'exists)')
   p.add_argument('--classifier', help='classifier workdir for --source auto (default: WORKDIR/classifier)')
   p.add_argument('--method', default='inversion', help='inversion (DDIM) | sdedit')
   p.add_argument('--strength', type=float, default=0.5, help='sdedit: fraction of T to noise to')

@@ -163,6 +163,26 @@ def test_edit_cli_sdedit_writes_panel_and_changes_the_image(workdir, face, tmp_p
   assert np.abs(edited - original).mean() > 5  # Out of 255: noised to 60% of T, not a copy.
 
 
+def test_edit_source_auto_reads_the_attributes_with_a_real_classifier(workdir, face, tmp_path):
+  clf = str(tmp_path / 'clf')
+  config = checkpoints.load_config(workdir)
+  data = [f'--config.data.manual_dir={config.data.manual_dir}',
+          f'--config.data.data_dir={config.data.data_dir}']
+  assert cli.main(['train-classifier', '--config', 'configs/test.py', '--workdir', clf,
+                   '--config.classifier.width=8', '--config.classifier.num_steps=2', *data]) == 0
+  code = cli.main(['edit', '--workdir', workdir, '--image', face, '--source', 'auto',
+                   '--classifier', clf, '--set', 'Eyeglasses', '--steps', '4',
+                   '--out', str(tmp_path / 'panel.png')])
+  assert code == 0
+  assert np.asarray(Image.open(tmp_path / 'panel.png')).shape == (18 + 2, 3 * 18 + 2, 3)
+
+
+def test_interpolate_gif_alone_is_enough_output(workdir, tmp_path):
+  assert cli.main(['interpolate', '--workdir', workdir, '--frames', '2', '--sampler', 'dpm++',
+                   '--steps', '2', '--gif', str(tmp_path / 'a.gif')]) == 0
+  assert Image.open(tmp_path / 'a.gif').size == (18 + 2, 18 + 2)
+
+
 def test_edit_source_auto_without_a_classifier_asks_for_source(workdir, face, tmp_path, capsys):
   code = cli.main(['edit', '--workdir', workdir, '--image', face, '--source', 'auto',
                    '--out', str(tmp_path / 'p.png')])
@@ -182,8 +202,9 @@ def test_edit_source_auto_without_a_classifier_asks_for_source(workdir, face, tm
     (['interpolate', '--frames', '1'], 'at least 2 frames'),
     (['edit', '--image', 'missing.jpg'], 'cannot read image'),
     (['edit', '--image', __file__], 'cannot read image'),
-    (['edit', '--image', 'FACE', '--method', 'blend'], 'unknown edit method'),
-    (['edit', '--image', 'FACE', '--method', 'sdedit', '--strength', '1.5'], 'strength'),
+    (['edit', '--image', 'FACE'], 'give the photo\'s attributes with --source'),
+    (['edit', '--image', 'FACE', '--source', '', '--method', 'blend'], 'unknown edit method'),
+    (['edit', '--image', 'FACE', '--source', '', '--method', 'sdedit', '--strength', '1.5'], 'strength'),
 ])
 def test_user_errors_are_one_line_and_exit_2(workdir, face, tmp_path, capsys, args, expected):
   args = [face if a == 'FACE' else a for a in args]
