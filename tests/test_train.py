@@ -226,3 +226,11 @@ def test_cloud_workdirs_keep_their_url():
   """A gs:// workdir (multi-host on Cloud TPU) must not become a local path."""
   assert checkpoints.absolute('gs://bucket/run/checkpoints') == 'gs://bucket/run/checkpoints'
   assert checkpoints.absolute('runs/x') == os.path.join(os.getcwd(), 'runs', 'x')
+
+
+def test_a_process_other_than_0_writes_only_checkpoints(celeba_dirs, tmp_path, monkeypatch):
+  """Multi-host: logs, sample grids and the config come from process 0 alone."""
+  monkeypatch.setattr(parallel, 'is_main_process', lambda: False)
+  train.train_and_evaluate(make_config(celeba_dirs, num_steps=2, checkpoint_every=2,
+                                       sample_every=2), str(tmp_path))
+  assert os.listdir(tmp_path) == ['checkpoints']

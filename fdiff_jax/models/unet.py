@@ -85,8 +85,8 @@ class ResBlock(nn.Module):
 def attention(q, k, v):
   """Softmax attention over [B, L, heads, d] as two 3-D matmuls over [B * heads, L, d].
 
-  The same math as `jax.nn.dot_product_attention`, several times faster on
-  XLA:CPU, which handles the 4-D head-interleaved matmuls poorly.
+  The same math as `jax.nn.dot_product_attention`; on XLA:CPU forward +
+  backward ran 1.6-1.7x faster with one head over 256-1,024 positions.
   """
   b, length, heads, d = q.shape
   fold = lambda x: x.transpose(0, 2, 1, 3).reshape(b * heads, length, d)
