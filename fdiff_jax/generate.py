@@ -147,14 +147,17 @@ def interpolate(config, model, params, start, end, *, frames, seeds, guidance=No
 
 def invert(config, model, params, images, attributes, *, steps=None, guidance=None,
            batch_size=None):
-  """x_T [N, H, W, C] of images [N, H, W, C] by DDIM inversion under attributes [N, A].
+  """Latents [N, H, W, C] at `sampling.inversion_start(config)` of images [N, H, W, C] by
+  DDIM inversion under attributes [N, A].
 
-  Sampling x_T back with DDIM (eta=0, no x0 clipping, same steps, attributes and
-  guidance) reconstructs the images, up to the discretisation error of `steps`.
+  Sampling them back with DDIM (eta=0, no x0 clipping, the same start, steps,
+  attributes and guidance) reconstructs the images, up to the discretisation
+  error of `steps`.
   """
   attributes = check_attributes(config, attributes)
+  start = sampling.inversion_start(config)
   invert_fn = _memoised(sampling.make_invert_fn, model, config,
-                        steps=steps or config.sample.steps)
+                        steps=min(steps or config.sample.steps, start + 1), start=start)
   w = _guidance(config, guidance, len(images))
   return _batched(lambda b, x, a, w: invert_fn(params, x, a, _static_if_one(w)),
                   (np.asarray(images, np.float32), attributes, w), batch_size)
@@ -178,7 +181,9 @@ def edit(config, model, params, images, source, target, *, method='inversion', s
   if method == 'inversion':
     latents = invert(config, model, params, images, source, steps=steps, guidance=1.0,
                      batch_size=batch_size)
-    options, source_w = dict(steps=steps, clip_x0=False), np.ones(n, np.float32)
+    start = sampling.inversion_start(config)
+    options = dict(steps=min(steps, start + 1), clip_x0=False, start=start)
+    source_w = np.ones(n, np.float32)
   elif method == 'sdedit':
     (latents, options), source_w = _sdedit_start(config, images, strength, steps, seed), edit_w
   else:
