@@ -1,7 +1,7 @@
 """Offline quickstart: class-conditional diffusion on scikit-learn's bundled digits.
 
 1,797 real 8x8 handwritten digits, upsampled to 16x16; 10 attributes ("0".."9").
-Trains in under 10 minutes on a 2-core CPU (1,800 steps of 32 images; XLA:CPU
+Trains in about 10 minutes on a 2-core CPU (1,800 steps of 32 images; XLA:CPU
 convolutions are the cost) and ends with sample grids in workdir/samples.
 """
 from configs import default
