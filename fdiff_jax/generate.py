@@ -155,9 +155,8 @@ def invert(config, model, params, images, attributes, *, steps=None, guidance=No
   error of `steps`.
   """
   attributes = check_attributes(config, attributes)
-  start = sampling.inversion_start(config)
   invert_fn = _memoised(sampling.make_invert_fn, model, config,
-                        steps=min(steps or config.sample.steps, start + 1), start=start)
+                        **_inversion_grid(config, steps or config.sample.steps))
   w = _guidance(config, guidance, len(images))
   return _batched(lambda b, x, a, w: invert_fn(params, x, a, _static_if_one(w)),
                   (np.asarray(images, np.float32), attributes, w), batch_size)
@@ -181,8 +180,7 @@ def edit(config, model, params, images, source, target, *, method='inversion', s
   if method == 'inversion':
     latents = invert(config, model, params, images, source, steps=steps, guidance=1.0,
                      batch_size=batch_size)
-    start = sampling.inversion_start(config)
-    options = dict(steps=min(steps, start + 1), clip_x0=False, start=start)
+    options = dict(clip_x0=False, **_inversion_grid(config, steps))
     source_w = np.ones(n, np.float32)
   elif method == 'sdedit':
     (latents, options), source_w = _sdedit_start(config, images, strength, steps, seed), edit_w
@@ -193,6 +191,12 @@ def edit(config, model, params, images, source, target, *, method='inversion', s
                 guidance=np.concatenate([source_w, edit_w]), batch_size=batch_size,
                 sampler='ddim', eta=0.0, **options)
   return out[:len(source)], out[len(source):]
+
+
+def _inversion_grid(config, steps):
+  """{steps, start} shared by DDIM inversion and sampling back: at most one step per timestep."""
+  start = sampling.inversion_start(config)
+  return dict(steps=min(steps, start + 1), start=start)
 
 
 def predicted_attributes(config, images, classifier_dir):
