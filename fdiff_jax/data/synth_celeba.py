@@ -159,12 +159,18 @@ def write_synthetic_celeba(out_dir: str, num: int, seed: int = 0,
     _write_kaggle(out_dir, names, rows, partitions, images)
 
 
+_ZIP_DATE_TIME = (2015, 1, 1, 0, 0, 0)  # CelebA's release year
+
+
 def _write_official(out_dir, names, rows, partitions, images):
   """Writes the files as CelebA's Google Drive distributes them."""
   with zipfile.ZipFile(os.path.join(out_dir, 'img_align_celeba.zip'), 'w',
                        zipfile.ZIP_STORED) as archive:
     for name in names:
-      archive.writestr(f'img_align_celeba/{name}', images[name])
+      # A fixed timestamp: the same seed gives byte-identical archives.
+      entry = zipfile.ZipInfo(f'img_align_celeba/{name}', _ZIP_DATE_TIME)
+      entry.external_attr = 0o644 << 16
+      archive.writestr(entry, images[name])
   with open(os.path.join(out_dir, 'list_attr_celeba.txt'), 'w') as f:
     f.write(f'{len(names)}\n' + ' '.join(CELEBA_ATTRIBUTES) + ' \n')
     for name, row in zip(names, rows):
