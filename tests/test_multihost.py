@@ -1,10 +1,12 @@
 """Multi-host training as 2 processes x 2 CPU devices on localhost (gloo, coordinator 127.0.0.1).
 
 One module fixture runs everything through `fdiff train`: a 1 process x 4
-devices reference and an uninterrupted 2-process run side by side, then a
-2-process run that gets SIGTERM on one process, a restart that gets SIGKILL on
-both, and a restart to the end. The tests check what each phase left behind.
-Every process is bounded by a timeout and killed if it overruns.
+devices reference and an uninterrupted 2-process run (started the way users
+start one, by launch/local_multiprocess.sh) side by side, then a 2-process run
+that gets SIGTERM on one process, a restart that gets SIGKILL on both, and a
+restart to the end. The tests check what each phase left behind. Every process
+is bounded by a timeout and killed if it overruns. The module's tests share one
+xdist worker (pyproject sets `--dist loadscope`), so the fixture runs once.
 """
 import contextlib
 import os
@@ -156,6 +158,20 @@ def logged_losses(workdir):
   return losses
 
 
+def launch_local(args, log_dir):
+  """launch/local_multiprocess.sh with 2 processes, as a user runs it: its exit status and logs."""
+  env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), LOG_DIR=log_dir)
+  proc = subprocess.Popen(['bash', os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '2',
+                           *args[1:]], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    _, err = proc.communicate(timeout=PHASE_TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)   # The script and both training processes.
+    _, err = proc.communicate()
+  return {'returncode': proc.returncode, 'stderr': err, 'logs': sorted(os.listdir(log_dir))}
+
+
 @pytest.fixture(scope='module')
 def runs(celeba_dirs, tmp_path_factory):
   """Runs the reference, the uninterrupted and the interrupted training; returns what they left."""
@@ -167,8 +183,8 @@ def runs(celeba_dirs, tmp_path_factory):
     return running(Job(args, str(root / phase), **processes))
 
   with start('reference', 'reference', num_processes=1, devices=4) as reference:
-    with start('uninterrupted', 'uninterrupted') as uninterrupted:
-      assert uninterrupted.wait() == [0, 0], uninterrupted.output(0)[-3000:]
+    launcher = launch_local(train_args(celeba_dirs, workdirs['uninterrupted'], NUM_STEPS, NUM_STEPS),
+                            str(root / 'launcher_logs'))
     assert reference.wait() == [0], reference.output(0)[-3000:]
   workdir = workdirs['interrupted']
   with start('interrupted', 'sigterm', num_steps=1000, checkpoint_every=2) as job:
@@ -183,7 +199,8 @@ def runs(celeba_dirs, tmp_path_factory):
   with start('interrupted', 'resumed', checkpoint_every=2) as job:
     assert job.wait() == [0, 0], job.output(0)[-3000:]
     resumed = {'pid': job.procs[0].pid}
-  return {**workdirs, 'sigterm': sigterm, 'sigkill': sigkill, 'resumed': resumed}
+  return {**workdirs, 'launcher': launcher, 'sigterm': sigterm, 'sigkill': sigkill,
+          'resumed': resumed}
 
 
 def only_writer(workdir):
@@ -194,6 +211,7 @@ def only_writer(workdir):
 
 
 def test_two_processes_reproduce_the_one_process_losses(runs):
+  assert runs['launcher']['returncode'] == 0, runs['launcher']['stderr'][-3000:]
   reference, two = only_writer(runs['reference']), only_writer(runs['uninterrupted'])
   assert sorted(reference) == sorted(two) == list(range(1, NUM_STEPS + 1))
   np.testing.assert_allclose([two[s] for s in reference], list(reference.values()), rtol=2e-5)
@@ -275,13 +293,8 @@ def test_launch_scripts_are_shellcheck_clean():
   assert out.returncode == 0, out.stdout[-3000:]
 
 
-def test_local_multiprocess_launcher_trains_two_processes(celeba_dirs, tmp_path):
-  """launch/local_multiprocess.sh, as a user runs it: 2 processes, one checkpoint at the end."""
-  workdir = str(tmp_path / 'w')
-  args = train_args(celeba_dirs, workdir, num_steps=2, checkpoint_every=2)[1:]
-  env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), LOG_DIR=str(tmp_path / 'logs'))
-  out = subprocess.run(['bash', os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '2', *args],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=PHASE_TIMEOUT_S)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert checkpoint_steps(workdir) == [2]
-  assert sorted(os.listdir(tmp_path / 'logs')) == ['process_0.log', 'process_1.log']
+def test_local_multiprocess_launcher_trains_two_processes(runs):
+  launcher = runs['launcher']
+  assert launcher['returncode'] == 0, launcher['stderr'][-3000:]
+  assert launcher['logs'] == ['process_0.log', 'process_1.log']
+  assert 'started 2 processes' in launcher['stderr']
