@@ -138,11 +138,7 @@ def bench_train(config, model, mesh, batch, repeats):
   """Compile time and steady-state timing of the jitted, state-donating train step."""
   tx = make_optimizer(config.train)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
-  step = jax.jit(
-      functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config),
-      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-      donate_argnums=0)
+  step = train.jit_train_step(config, model, tx, schedule, mesh)
   state = train.init_state(config, model, tx, mesh)
   image, attributes = random_inputs(config, batch, model.num_attributes or 1)
   data = parallel.global_batch({'image': image, 'attributes': attributes}, mesh)

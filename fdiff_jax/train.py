@@ -66,6 +66,15 @@ def train_step(state, batch, *, model, tx, schedule, config):
   return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
 
+def jit_train_step(config, model, tx, schedule, mesh):
+  """The train step jitted over `mesh`: batch sharded, state replicated and donated."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+      donate_argnums=0)
+
+
 def grid_attributes(config, names):
   """The fixed attribute rows of training-time sample grids ('' = unconditional)."""
   prompts = tuple(config.sample.grid_prompts) if config.model.conditional else ('',)
@@ -182,11 +191,7 @@ def train_and_evaluate(config, workdir, mesh=None):
   if start == 0 and main:
     parameter_overview.log_parameter_overview(state.params)
 
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
-      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-      donate_argnums=0)
+  step_fn = jit_train_step(config, model, tx, schedule, mesh)
   sample_fn = sampling.make_sample_fn(model, config)
   num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
