@@ -43,6 +43,11 @@ def random_state_dict():
   return out
 
 
+def cross_check_images():
+  """Three non-square images in [-1, 1]: the input of the pytorch-fid cross-check."""
+  return np.random.default_rng(1).uniform(-1, 1, (3, 48, 40, 3)).astype(np.float32)
+
+
 @pytest.fixture(scope='module')
 def state_dict():
   return random_state_dict()
@@ -179,6 +184,17 @@ def test_features_shape_and_determinism(pth_variables):
   gray = rng.uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
   np.testing.assert_allclose(np.asarray(features(gray)), np.asarray(features(np.repeat(gray, 3, -1))),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_features_equal_pytorch_fid_on_the_same_weights(state_dict):
+  """pytorch-fid's FIDInceptionV3 itself, run once on these random weights and images (see
+  tests/data/make_pytorch_fid_reference.py), gave the reference: every layer, pool quirk,
+  the resize and the input scaling must agree for the features to match."""
+  reference = np.load(os.path.join(os.path.dirname(__file__), 'data', 'pytorch_fid_features.npy'))
+  features = inception.make_feature_fn(inception.variables_from_state_dict(state_dict))
+  ours = np.asarray(features(cross_check_images()))
+  assert ours.shape == reference.shape == (3, inception.FEATURES)
+  np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
 def test_wrong_or_missing_weights_are_clear_errors(state_dict, tmp_path):
