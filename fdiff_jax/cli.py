@@ -26,8 +26,9 @@ def _config_overrides(unknown):
 
 
 def cmd_train(args, unknown):
-  from fdiff_jax import config_utils, parallel, train
-  config = config_utils.load_config(args.config, _config_overrides(unknown))
+  from fdiff_jax import config_utils
+  config = config_utils.load_config(args.config, _config_overrides(unknown))  # Before TF's import noise.
+  from fdiff_jax import parallel, train
   parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                   args.local_device_ids)
   train.train_and_evaluate(config, args.workdir)
@@ -45,9 +46,10 @@ def cmd_synth_celeba(args, unknown):
 
 
 def cmd_bench(args, unknown):
-  from fdiff_jax import bench, config_utils
-  what = bench.parse_workloads(args.what)
+  from fdiff_jax import config_utils
   config = config_utils.load_config(args.config, _config_overrides(unknown))
+  from fdiff_jax import bench
+  what = bench.parse_workloads(args.what)
   result = bench.run(config, what=what, batch=args.batch, sampler=args.sampler, steps=args.steps,
                      guidance=args.guidance, repeats=args.repeats, peak_tflops=args.peak_tflops)
   result['config'] = args.config
@@ -57,8 +59,9 @@ def cmd_bench(args, unknown):
 
 
 def cmd_train_classifier(args, unknown):
-  from fdiff_jax import classifier, config_utils
+  from fdiff_jax import config_utils
   config = config_utils.load_config(args.config, _config_overrides(unknown))
+  from fdiff_jax import classifier
   result = classifier.train_classifier(config, args.workdir)
   print(classifier.format_accuracy(result))
 
@@ -201,8 +204,15 @@ def _add_generation_flags(p):
   p.add_argument('--scale', type=int, default=1, help='enlarge the PNGs by this factor')
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with one error line (no usage block), like every other user error."""
+
+  def error(self, message):
+    self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
 def build_parser():
-  parser = argparse.ArgumentParser(prog='fdiff', description=__doc__.splitlines()[0])
+  parser = _Parser(prog='fdiff', description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest='command', required=True)
 
   p = commands.add_parser('train', help='train (or resume) a diffusion model in a workdir')
@@ -301,8 +311,11 @@ def build_parser():
 
 def main(argv=None):
   parser = build_parser()
-  args, unknown = parser.parse_known_args(
-      _join_attribute_values(sys.argv[1:] if argv is None else argv))
+  try:
+    args, unknown = parser.parse_known_args(
+        _join_attribute_values(sys.argv[1:] if argv is None else argv))
+  except SystemExit as e:  # --help, or a flag error already printed as one line.
+    return e.code
   try:
     if unknown and not getattr(args, 'takes_overrides', False):
       raise UserError(f"unrecognized arguments: {' '.join(unknown)}")

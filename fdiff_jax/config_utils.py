@@ -68,19 +68,66 @@ def apply_override(config, dotted_key, text):
       node = node[name]
   try:
     node[leaf] = _parse_value(text, node[leaf])
-  except UserError as e:
-    raise UserError(f'--config.{dotted_key}: {e}') from None
+  except (UserError, TypeError) as e:  # TypeError: ml_collections refuses a change of type.
+    message = str(e).split(' (reference). ')[-1]
+    raise UserError(f'--config.{dotted_key}: {message}') from None
 
 
 def load_config(path, overrides=()):
-  """Config from a file plus ['a.b=value', ...] overrides."""
+  """Config from a file plus ['a.b=value', ...] overrides, checked by `validate`."""
   config = load_config_file(path)
   for item in overrides:
     key, sep, value = item.partition('=')
     if not sep:
       raise UserError(f'override {item!r} needs the form --config.a.b=value')
     apply_override(config, key, value)
+  validate(config)
   return config
+
+
+def validate(config):
+  """Catches the config mistakes that would otherwise fail late (after training) or deep (in XLA)."""
+  # Imported here: these pull in jax, which loading a config file does not need.
+  import jax.numpy as jnp
+  from fdiff_jax import train_state
+  from fdiff_jax.diffusion import losses, samplers, schedules
+  choices = {'diffusion.schedule': schedules.SCHEDULES, 'diffusion.prediction': losses.PREDICTIONS,
+             'sample.sampler': samplers.SAMPLERS, 'train.lr_schedule': train_state.LR_SCHEDULES,
+             'classifier.lr_schedule': train_state.LR_SCHEDULES}
+  for key, valid in choices.items():
+    value = _get(config, key)
+    if value is not None and value not in valid:
+      raise UserError(f'config.{key} = {value!r}; use one of {", ".join(valid)}')
+  for key in ('model.dtype', 'model.param_dtype'):
+    try:
+      jnp.dtype(_get(config, key))
+    except TypeError:
+      raise UserError(f'config.{key} = {_get(config, key)!r} is not a dtype; use e.g. float32 '
+                      'or bfloat16') from None
+  for key in ('train.batch_size', 'train.num_steps', 'sample.steps', 'diffusion.timesteps',
+              'data.image_size', 'model.ch', 'model.num_heads'):
+    if _get(config, key) is not None and _get(config, key) < 1:
+      raise UserError(f'config.{key} = {_get(config, key)} must be at least 1')
+  m, size = config.model, config.data.image_size
+  downsamplings = len(m.ch_mult) - 1
+  if size % 2 ** downsamplings:
+    raise UserError(f'config.data.image_size = {size} must be divisible by {2 ** downsamplings}: '
+                    f'the U-Net halves it {downsamplings} times (len(model.ch_mult) - 1)')
+  attended = [m.ch * mult for i, mult in enumerate(m.ch_mult)  # The middle block always attends.
+              if size // 2 ** i in m.attn_resolutions or i == downsamplings]
+  if any(channels % m.num_heads for channels in attended):
+    raise UserError(f'config.model.num_heads = {m.num_heads} must divide the channels of every '
+                    f'level with attention, {attended}')
+
+
+def _get(config, dotted_key):
+  """config['a']['b'] for 'a.b', or None where a variant lacks the field."""
+  node = config
+  for name in dotted_key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      return None
+    node = node[name]
+  return node
 
 
 def config_to_json(config):

@@ -163,11 +163,15 @@ def resolve_inception(weights, compute_fid):
   """(feature_fn or None, weights id, message) for FID: --inception-weights, the cache, a download."""
   if not compute_fid:
     return None, None, 'FID skipped (--no-fid)'
-  try:
-    path = weights or inception.cached_weights()
+  if weights:  # Asked for explicitly: a bad path is the user's mistake, not a reason to skip FID.
+    path = weights
     variables = inception.load_variables(path)
-  except UserError as e:
-    return None, None, f'FID not computed: {e}'
+  else:
+    try:
+      path = inception.cached_weights()
+      variables = inception.load_variables(path)
+    except UserError as e:
+      return None, None, f'FID not computed: {e}'
   weights_id = f'{os.path.basename(path)}|{os.path.getsize(path)}'
   return inception.make_feature_fn(variables), weights_id, None
 

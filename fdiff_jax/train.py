@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from fdiff_jax import checkpoints, diffusion, images, parallel, sampling
 from fdiff_jax.data import attributes as attributes_lib
-from fdiff_jax.data import pipeline
+from fdiff_jax.data import pipeline, sources
 from fdiff_jax.errors import UserError
 from fdiff_jax.models import build_model, init_params
 from fdiff_jax.train_state import (TrainState, create_train_state, ema_decay,
@@ -178,6 +178,9 @@ def train_and_evaluate(config, workdir, mesh=None):
   tx = make_optimizer(config.train)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
   main = parallel.is_main_process()
+  # The data first: a missing or broken dataset stops the run before the workdir is touched.
+  with parallel.main_process_first('prepare_dataset'):  # Once, also on a shared data_dir.
+    train_split = sources.open_split(config, config.data.train_split)
 
   state = init_state(config, model, tx, mesh)
   manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.train.keep_checkpoints)
@@ -195,8 +198,7 @@ def train_and_evaluate(config, workdir, mesh=None):
   sample_fn = sampling.make_sample_fn(model, config)
   num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
-  with parallel.main_process_first('prepare_dataset'):  # Once, also on a shared data_dir.
-    batches = pipeline.create_train_iterator(config, start_step=start)
+  batches = pipeline.create_train_iterator(config, start_step=start, split=train_split)
 
   history, pending = [], []
   console = _ConsoleLog(start, num_steps)

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fdiff_jax.errors import UserError
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -13,6 +15,9 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
+
+
+LR_SCHEDULES = ('constant', 'cosine')
 
 
 def learning_rate_schedule(train_config):
@@ -24,7 +29,8 @@ def learning_rate_schedule(train_config):
   elif train_config.lr_schedule == 'cosine':
     decay = optax.cosine_decay_schedule(peak, max(train_config.num_steps - warmup, 1))
   else:
-    raise ValueError(f'unknown lr_schedule {train_config.lr_schedule!r} (constant | cosine)')
+    raise UserError(f'unknown lr_schedule {train_config.lr_schedule!r}; use one of '
+                    f'{", ".join(LR_SCHEDULES)}')
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 

@@ -91,6 +91,14 @@ def test_without_weights_reports_offline_metrics_and_how_to_get_them(setup, tmp_
   assert Image.open(tmp_path / 'out' / 'report.png').width == 2 * 480
 
 
+def test_explicit_inception_weights_that_cannot_load_are_a_one_line_error(setup, tmp_path, capsys):
+  root, _ = setup
+  code = run_evaluate(root, tmp_path / 'out', '--inception-weights', str(tmp_path / 'typo.pth'))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and 'typo.pth' in err[0] and 'not found' in err[0]
+  assert not (tmp_path / 'out').exists()  # No report without the FID that was asked for.
+
+
 def test_classifier_of_another_dataset_is_a_one_line_error(setup, tmp_path, capsys):
   root, _ = setup
   clf = str(tmp_path / 'digits_clf')   # A real (one-step) classifier, of the digits.

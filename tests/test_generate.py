@@ -65,6 +65,22 @@ def test_sample_cli_writes_sweep_grid_and_images_with_progress(workdir, tmp_path
                                 grid[20:36, 20:36])  # Row 1, column 1 of the grid.
 
 
+def test_attributes_file_gives_a_row_per_line_and_checkpoint_step_picks_the_model(workdir, tmp_path):
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('# one grid row per line\nMale\n\n-Male,Smiling\n')
+  common = ['sample', '--workdir', workdir, '--num', '2', '--sampler', 'ddim', '--steps', '4',
+            '--batch-size', '2', '--guidance', '1,3']
+  assert cli.main(common + ['--attributes-file', str(prompts), '--out', str(tmp_path / 'rows.png')]) == 0
+  assert cli.main(common + ['--attributes=-Male,Smiling', '--checkpoint-step', '300',
+                            '--out', str(tmp_path / 'one.png')]) == 0
+  rows, one = (np.asarray(Image.open(tmp_path / f)) for f in ('rows.png', 'one.png'))
+  assert rows.shape == (4 * 18 + 2, 2 * 18 + 2, 3)  # (2 w) x (2 lines) rows of 2 images.
+  row = lambda grid, r: grid[2 + 18 * r:18 + 18 * r]
+  assert np.abs(row(rows, 0).astype(int) - row(rows, 1)).max() > 0  # The lines differ.
+  np.testing.assert_array_equal(row(rows, 1), row(one, 0))  # Line 2 at w=1,
+  np.testing.assert_array_equal(row(rows, 3), row(one, 1))  # and at w=3.
+
+
 def test_same_seed_same_images_other_seed_other_images(loaded):
   config, model, params = loaded
   a = attrs(config, 'Smiling,Eyeglasses', 3)
@@ -197,6 +213,9 @@ def test_edit_source_auto_without_a_classifier_asks_for_source(workdir, face, tm
     (['sample', '--attributes', 'Smilling'], 'did you mean Smiling'),
     (['sample', '--attributes', '3,-7'], "40 attributes of dataset 'celeba'"),
     (['sample', '--guidance', '1,x'], 'comma-separated list of numbers'),
+    (['sample', '--checkpoint-step', '7'], 'no checkpoint at step 7'),
+    (['sample', '--attributes-file', 'missing.txt'], 'cannot read --attributes-file'),
+    (['sample', '--num', 'many'], "argument --num: invalid int value: 'many'"),
     (['sample', '--guidance', '2,-1'], '>= 0'),
     (['sample', '--sampler', 'ddpm', '--steps', '10'], 'ddpm'),
     (['interpolate', '--sampler', 'ddpm'], 'deterministic sampler'),

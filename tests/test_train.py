@@ -142,6 +142,37 @@ def test_bad_config_file_and_bad_value_are_errors(tmp_path, capsys):
   assert len(err) == 2 and 'nope.py' in err[0] and 'eight' in err[1]
 
 
+@pytest.mark.parametrize('overrides, expected', [
+    (['train.batch_size=1.5'], "--config.train.batch_size: 1.5 is of original type <class 'float'>"),
+    (['sample.sampler=euler'], 'config.sample.sampler'),
+    (['train.lr_schedule=linear'], 'use one of constant, cosine'),
+    (['model.dtype=float33'], 'not a dtype'),
+    (['data.image_size=14', 'model.ch_mult=(1,2,2)'], 'divisible by 4'),
+    (['model.num_heads=3'], 'num_heads = 3 must divide'),
+    ([], 'needs --config.data.manual_dir'),   # The data is checked before the workdir is made.
+])
+def test_config_mistakes_are_one_line_and_leave_no_workdir(tmp_path, capsys, overrides, expected):
+  workdir = tmp_path / 'run'
+  code = cli.main(['train', '--config', 'configs/test.py', '--workdir', str(workdir),
+                   *[f'--config.{o}' for o in overrides]])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1, err
+  assert expected in err[0], err[0]
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('name', sorted(
+    f[:-3] for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.py') and f != '__init__.py'))
+def test_every_config_validates_and_builds_its_model(name):
+  config = config_utils.load_config(os.path.join(REPO, 'configs', f'{name}.py'))
+  model = build_model(config.model, len(pipeline.attribute_names(config)))
+  x = jax.ShapeDtypeStruct((2, *pipeline.image_shape(config)), np.float32)
+  t = jax.ShapeDtypeStruct((2,), np.int32)
+  a = jax.ShapeDtypeStruct((2, model.num_attributes), np.float32) if model.num_attributes else None
+  variables = jax.eval_shape(model.init, jax.random.key(0), x, t, a)
+  assert jax.eval_shape(model.apply, variables, x, t, a).shape == x.shape
+
+
 def test_config_variants_load_from_any_directory(tmp_path):
   """`fdiff train --config configs/digits.py` must work outside the repo root too."""
   code = ('import sys; from fdiff_jax import config_utils; '

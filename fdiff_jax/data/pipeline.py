@@ -129,7 +129,8 @@ def _loader(config, split: sources.Split, shuffle: bool, flip: bool):
   return load
 
 
-def create_train_iterator(config, start_step: int = 0) -> Iterator[dict]:
+def create_train_iterator(config, start_step: int = 0,
+                          split: sources.Split | None = None) -> Iterator[dict]:
   """Endless shuffled batches of this process's part of each global batch.
 
   Yields {'image': float32 [B, H, W, C] in [-1, 1], 'attributes': float32
@@ -140,9 +141,11 @@ def create_train_iterator(config, start_step: int = 0) -> Iterator[dict]:
   processes' batches, concatenated in process order, equal the batch a
   single process gets with the whole global batch. Starting at step k starts
   the position counter at k*G: exactly the batches k, k+1, ... of a run from
-  step 0, with nothing read or decoded for the steps skipped.
+  step 0, with nothing read or decoded for the steps skipped. `split` is the
+  opened config.data.train_split, where the caller already has it.
   """
-  split = sources.open_split(config, config.data.train_split)
+  if split is None:
+    split = sources.open_split(config, config.data.train_split)
   batch = _per_process_batch(config.train.batch_size)
   offset = jax.process_index() * batch
   load = _loader(config, split, shuffle=True, flip=config.data.random_flip)
