@@ -30,7 +30,7 @@ from fdiff_jax.errors import UserError
 from fdiff_jax.models import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS = 16
+NUM_STEPS = 30  # Room for the SIGTERM and SIGKILL phases to stop well before the end.
 PHASE_TIMEOUT_S = 600  # Start-up and compilation take minutes on a busy 2-core machine.
 
 

@@ -16,7 +16,7 @@ from fdiff_jax import checkpoints, cli, config_utils, diffusion, parallel, train
 from fdiff_jax.data import pipeline
 from fdiff_jax.data.synth_celeba import write_synthetic_celeba
 from fdiff_jax.models import build_model
-from fdiff_jax.train_state import make_optimizer
+from fdiff_jax.train_state import ema_decay, learning_rate_schedule, make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,6 +66,41 @@ def test_training_writes_checkpoints_config_and_sample_grid(straight_run, celeba
   assert saved.data.manual_dir == celeba_dirs[0]
   grid = os.path.join(workdir, 'samples', 'step_0000006.png')
   assert os.path.getsize(grid) > 0
+
+
+def test_sampling_uses_the_ema_parameters(straight_run, celeba_dirs):
+  workdir, _ = straight_run
+  step, params, ema = final_params(workdir, make_config(celeba_dirs))
+  loaded = checkpoints.load_model(workdir)[2]
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ema)):
+    np.testing.assert_array_equal(a, b)
+  assert step == 6 and any(np.abs(p - e).max() > 0
+                           for p, e in zip(jax.tree.leaves(params), jax.tree.leaves(ema)))
+
+
+def test_learning_rate_warms_up_then_decays_and_ema_decay_warms_up():
+  config = test_config.get_config().train
+  config.update(learning_rate=1e-3, warmup_steps=10, num_steps=110, lr_schedule='cosine')
+  lr = learning_rate_schedule(config)
+  np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(60), lr(110)],
+                             [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+  config.lr_schedule = 'constant'
+  np.testing.assert_allclose([learning_rate_schedule(config)(s) for s in (5, 10, 10_000)],
+                             [5e-4, 1e-3, 1e-3], atol=1e-9)
+  config.ema_decay = 0.99
+  np.testing.assert_allclose([ema_decay(config, s) for s in (0, 10, 10_000)], [0.1, 0.55, 0.99],
+                             rtol=1e-6)
+  config.ema_warmup = False
+  assert float(ema_decay(config, 0)) == pytest.approx(0.99)
+
+
+def test_bfloat16_compute_trains_with_float32_parameters(celeba_dirs, tmp_path):
+  config = make_config(celeba_dirs, num_steps=2, checkpoint_every=2, sample_every=2)
+  config.model.dtype = 'bfloat16'
+  history = train.train_and_evaluate(config, str(tmp_path))
+  assert all(np.isfinite(h['loss']) for h in history)
+  _, params, ema = final_params(str(tmp_path), config)
+  assert {leaf.dtype for leaf in jax.tree.leaves((params, ema))} == {np.dtype(np.float32)}
 
 
 def test_exact_resume_is_bitwise_identical(straight_run, celeba_dirs, tmp_path):
