@@ -200,10 +200,8 @@ def run(config, *, what=WORKLOADS, batch=None, sampler=None, steps=None, guidanc
     raise UserError(f'--repeats must be at least 1, got {repeats}')
   batch = batch or config.train.batch_size
   sampler = sampler or config.sample.sampler
-  steps = steps or config.sample.steps
+  steps = sampling.default_steps(config, sampler, steps)
   guidance = config.sample.guidance if guidance is None else guidance
-  if sampler == 'ddpm':
-    steps = config.diffusion.timesteps
   mesh = parallel.create_mesh()
   parallel.check_global_batch(batch, mesh)
   info = machine()

@@ -9,6 +9,13 @@ import jax.numpy as jnp
 from fdiff_jax import diffusion
 
 
+def default_steps(config, sampler, steps=None, num_timesteps=None):
+  """`steps`, else every timestep for ancestral DDPM, else config.sample.steps."""
+  if steps:
+    return int(steps)
+  return (num_timesteps or config.diffusion.timesteps) if sampler == 'ddpm' else config.sample.steps
+
+
 def make_sample_fn(model, config, *, sampler=None, steps=None, eta=None, clip_x0=True,
                    start=None):
   """Returns fn(params, x_T, attributes, rng, guidance) -> images in [-1, 1].
@@ -20,9 +27,7 @@ def make_sample_fn(model, config, *, sampler=None, steps=None, eta=None, clip_x0
   """
   schedule = config_schedule(config, start)
   sampler = sampler or config.sample.sampler
-  if not steps:  # DDPM is ancestral over every timestep.
-    steps = schedule.num_timesteps if sampler == 'ddpm' else config.sample.steps
-  steps = int(steps)
+  steps = default_steps(config, sampler, steps, schedule.num_timesteps)
   eta = config.sample.eta if eta is None else eta
 
   def run(params, x_T, attributes, rng, guidance):

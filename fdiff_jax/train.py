@@ -160,10 +160,11 @@ def _check_finite(pending, manager):
       manager.wait_until_finished()
       for bad in [s for s in manager.all_steps() if s >= step - 1]:
         manager.delete(bad)
-      raise TrainingDiverged(
-          f'loss is {m["loss"]} at step {step}; stopped. The last good checkpoint '
-          f'(step {manager.latest_step()}) is intact; lower --config.train.learning_rate or '
-          'check the data')
+      good = manager.latest_step()
+      kept = (f'the last good checkpoint (step {good}) is intact' if good is not None
+              else 'no checkpoint was saved before it')
+      raise TrainingDiverged(f'loss is {m["loss"]} at step {step}; stopped, {kept}; lower '
+                             '--config.train.learning_rate or check the data')
 
 
 def train_and_evaluate(config, workdir, mesh=None):

@@ -41,7 +41,7 @@ def locate_files(manual_dir: str) -> CelebaPaths:
       path = os.path.join(manual_dir, name)
       if os.path.exists(path):
         return path
-    raise UserError(f'{names[0]} not found in {manual_dir}; {_HOW}.')
+    raise UserError(f"{' or '.join(names)} not found in {manual_dir}; {_HOW}.")
   return CelebaPaths(
       attributes=first('list_attr_celeba.txt', 'list_attr_celeba.csv'),
       partition=first('list_eval_partition.txt', 'list_eval_partition.csv'),
