@@ -106,8 +106,9 @@ def validate(config):
                       'or bfloat16') from None
   for key in ('train.batch_size', 'train.num_steps', 'sample.steps', 'diffusion.timesteps',
               'data.image_size', 'model.ch', 'model.num_heads'):
-    if _get(config, key) is not None and _get(config, key) < 1:
-      raise UserError(f'config.{key} = {_get(config, key)} must be at least 1')
+    value = _get(config, key)
+    if value is not None and value < 1:
+      raise UserError(f'config.{key} = {value} must be at least 1')
   m, size = config.model, config.data.image_size
   downsamplings = len(m.ch_mult) - 1
   if size % 2 ** downsamplings:

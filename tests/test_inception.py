@@ -207,6 +207,20 @@ def test_wrong_or_missing_weights_are_clear_errors(state_dict, tmp_path):
     inception.load_variables(str(tmp_path / 'nope.pth'))
 
 
+def test_download_is_checksummed_and_cached_once(tmp_path, monkeypatch):
+  source = tmp_path / 'published.pth'
+  source.write_bytes(b'pretend weights')
+  monkeypatch.setattr(inception, 'WEIGHTS_URL', source.as_uri())
+  with pytest.raises(UserError, match='sha256'):  # The real checksum: these bytes do not match it.
+    inception.cached_weights(str(tmp_path / 'cache'))
+  assert not os.listdir(tmp_path / 'cache')  # A mismatching download is not kept.
+  monkeypatch.setattr(inception, 'WEIGHTS_SHA256', inception.sha256(str(source)))
+  path = inception.cached_weights(str(tmp_path / 'cache'))
+  assert open(path, 'rb').read() == b'pretend weights'
+  source.unlink()  # Cached: the second call downloads nothing.
+  assert inception.cached_weights(str(tmp_path / 'cache')) == path
+
+
 def test_offline_download_failure_says_how_to_get_the_weights(tmp_path, monkeypatch):
   monkeypatch.setattr(inception, 'WEIGHTS_URL', (tmp_path / 'absent.pth').as_uri())
   with pytest.raises(UserError) as error:
