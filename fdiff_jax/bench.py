@@ -190,6 +190,7 @@ def machine():
       'num_devices': jax.device_count(), 'processor': platform.processor() or platform.machine(),
       'cpu_count': os.cpu_count(), 'load_average': list(os.getloadavg()),
       'jax_version': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
   }
 
 

@@ -5,6 +5,7 @@ Every user mistake surfaces as one line on stderr and exit code 2.
 import argparse
 import sys
 
+from fdiff_jax import cpu_runtime
 from fdiff_jax.errors import UserError
 
 
@@ -310,6 +311,9 @@ def build_parser():
 
 
 def main(argv=None):
+  if argv is None:  # The command line, not a call from Python.
+    cpu_runtime.reexec_with_huge_pages()
+  cpu_runtime.set_xla_flags()
   parser = build_parser()
   try:
     args, unknown = parser.parse_known_args(

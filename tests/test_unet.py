@@ -94,3 +94,19 @@ def test_presets_map_64x64_to_64x64(name):
   out = jax.eval_shape(lambda x: model.init_with_output(
       jax.random.key(0), x, jnp.zeros((2,)), jnp.zeros((2, 40)))[0], x)
   assert out.shape == (2, 64, 64, 3)
+
+
+@pytest.mark.parametrize('heads,piece_bytes', [(1, 16 * 2**20), (4, 16 * 2**20), (1, 4 * 64 * 64),
+                                               (4, 3 * 4 * 64 * 64)])
+def test_attention_equals_jax_dot_product_attention_with_gradients(heads, piece_bytes, monkeypatch):
+  """Also when the batch runs in pieces of 1 or 3 (of 2 * heads) on CPU."""
+  from fdiff_jax.models import unet  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(unet, 'CPU_ATTENTION_PIECE_BYTES', piece_bytes)
+  q, k, v = (3 * jax.random.normal(jax.random.key(i), (2, 64, heads, 8)) for i in range(3))
+  probe = jax.random.normal(jax.random.key(9), (2, 64, heads, 8))
+  ours = lambda q, k, v: (unet.attention(q, k, v) * probe).sum()
+  ref = lambda q, k, v: (jax.nn.dot_product_attention(q, k, v) * probe).sum()
+  np.testing.assert_allclose(unet.attention(q, k, v), jax.nn.dot_product_attention(q, k, v),
+                             rtol=1e-5, atol=1e-5)
+  for g, r in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)

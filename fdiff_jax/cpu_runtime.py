@@ -1,0 +1,87 @@
+"""Process settings that make XLA:CPU faster; `fdiff` applies them before JAX starts.
+
+Both were measured with `fdiff bench` on a 2-core Xeon (README, Performance):
+
+- XLA's YNNPACK library fusions, which jaxlib 0.10 uses for convolutions
+  too, ran this U-Net's convolutions 2-3x slower than XLA's own, but its
+  reductions (softmax, GroupNorm) several times faster than XLA's. Keeping it
+  for reductions and single matmuls only took the `celeba64_original` train
+  step at batch 32 from 5.05 s (XLA's defaults) to 3.73 s (YNNPACK off), and
+  to 2.53 s with huge pages (below) and `models/unet.py`'s attention. The flag exists
+  only in recent jaxlib and XLA aborts on unknown flags, so it is added only
+  for the jaxlib versions it was measured on.
+- XLA allocates its temporary buffer (2.8 GB for that step) afresh for every
+  call, and the kernel faulted it in 4 KiB at a time: 1.1 s of system time per
+  step. glibc's `hugetlb` tunable backs large allocations with transparent huge
+  pages (3.70 -> 3.30 s). glibc reads tunables only at start-up, so the `fdiff`
+  command re-executes itself once with GLIBC_TUNABLES set.
+
+Flags and tunables the user has already set are left alone, and
+FDIFF_NO_CPU_TUNING=1 leaves XLA and glibc at their own defaults (to compare).
+"""
+import importlib.metadata
+import os
+import sys
+
+# jaxlib (major, minor) -> XLA:CPU flags measured to help there.
+XLA_CPU_FLAGS = {(0, 10): ('--xla_cpu_experimental_ynn_fusion_type='
+                           'LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',)}
+HUGE_PAGES = 'glibc.malloc.hugetlb=1'
+
+
+def _opted_out():
+  return os.environ.get('FDIFF_NO_CPU_TUNING', '') not in ('', '0')
+
+
+def jaxlib_version():
+  """(major, minor) of the installed jaxlib, or None."""
+  try:
+    return tuple(int(x) for x in importlib.metadata.version('jaxlib').split('.')[:2])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return None
+
+
+def with_default_xla_flags(xla_flags, version):
+  """`xla_flags` plus our defaults for jaxlib `version`, except flags it already sets."""
+  flags = xla_flags.split()
+  have = {f.split('=')[0] for f in flags}
+  flags += [f for f in XLA_CPU_FLAGS.get(version, ()) if f.split('=')[0] not in have]
+  return ' '.join(flags)
+
+
+def with_huge_pages(glibc_tunables):
+  """GLIBC_TUNABLES with the huge-pages tunable added, unless it sets hugetlb itself."""
+  if 'glibc.malloc.hugetlb' in glibc_tunables:
+    return glibc_tunables
+  return ':'.join(filter(None, [glibc_tunables, HUGE_PAGES]))
+
+
+def set_xla_flags():
+  """Adds our XLA:CPU defaults to XLA_FLAGS; effective only before JAX's backends start."""
+  if _opted_out():
+    return
+  os.environ['XLA_FLAGS'] = with_default_xla_flags(os.environ.get('XLA_FLAGS', ''),
+                                                   jaxlib_version())
+
+
+def _glibc():
+  try:
+    return os.confstr('CS_GNU_LIBC_VERSION').startswith('glibc')
+  except (AttributeError, ValueError, OSError):
+    return False
+
+
+def reexec_with_huge_pages():
+  """Re-runs this command as `python -m fdiff_jax ...` with the tunable set (glibc only).
+
+  Returns only when nothing needs doing (or exec failed); otherwise the process
+  is replaced.
+  """
+  tunables = os.environ.get('GLIBC_TUNABLES', '')
+  if _opted_out() or not _glibc() or with_huge_pages(tunables) == tunables:
+    return
+  env = dict(os.environ, GLIBC_TUNABLES=with_huge_pages(tunables))
+  try:
+    os.execve(sys.executable, [sys.executable, '-m', 'fdiff_jax', *sys.argv[1:]], env)
+  except OSError:
+    pass
