@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fdiff_jax.models import PRESETS, UNet, count_params, init_params
-from fdiff_jax.models.unet import AttributeEmbedding
+from fdiff_jax.models.unet import AttributeEmbedding, GroupNorm
 
 TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, dropout=0.0)
 
@@ -110,3 +110,24 @@ def test_attention_equals_jax_dot_product_attention_with_gradients(heads, piece_
                              rtol=1e-5, atol=1e-5)
   for g, r in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('channels,groups,dtype', [(8, 8, jnp.float32), (16, 8, jnp.float32),
+                                                   (24, 4, jnp.float32), (16, 8, jnp.bfloat16)])
+def test_group_norm_equals_flax_group_norm_with_gradients(channels, groups, dtype):
+  """Same parameters, values and gradients as nn.GroupNorm (groups of 1, 2 and 6 channels)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  x = (3 * jax.random.normal(jax.random.key(0), (2, 6, 5, channels)) + 1).astype(dtype)
+  ours, ref = GroupNorm(groups, dtype=dtype), nn.GroupNorm(groups, dtype=dtype)
+  params = ref.init(jax.random.key(1), x)
+  assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+  params = _perturbed(params, 5)
+  probe = jax.random.normal(jax.random.key(2), x.shape)
+  loss = lambda m: lambda p, x: (m.apply(p, x).astype(jnp.float32) * probe).sum()
+  tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+  y = ours.apply(params, x)
+  assert y.dtype == dtype
+  np.testing.assert_allclose(y.astype(jnp.float32), ref.apply(params, x).astype(jnp.float32), **tol)
+  for g, r in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+                  jax.tree.leaves(jax.grad(loss(ref), (0, 1))(params, x))):
+    np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32), **tol)
