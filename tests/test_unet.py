@@ -1,4 +1,6 @@
-"""U-Net: shapes, the unconditional input, attribute interpolation, presets' sizes."""
+"""U-Net: shapes, the unconditional input, attribute interpolation, presets' sizes, and
+its attention and GroupNorm against JAX's and flax's."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,7 +118,6 @@ def test_attention_equals_jax_dot_product_attention_with_gradients(heads, piece_
                                                    (24, 4, jnp.float32), (16, 8, jnp.bfloat16)])
 def test_group_norm_equals_flax_group_norm_with_gradients(channels, groups, dtype):
   """Same parameters, values and gradients as nn.GroupNorm (groups of 1, 2 and 6 channels)."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   x = (3 * jax.random.normal(jax.random.key(0), (2, 6, 5, channels)) + 1).astype(dtype)
   ours, ref = GroupNorm(groups, dtype=dtype), nn.GroupNorm(groups, dtype=dtype)
   params = ref.init(jax.random.key(1), x)
