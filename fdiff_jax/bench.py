@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiff_jax import diffusion, parallel, sampling, train
+from fdiff_jax import diffusion, parallel, train
+from fdiff_jax.sampler import Sampler, default_steps
 from fdiff_jax.data import pipeline
 from fdiff_jax.errors import UserError
 from fdiff_jax.models import build_model, count_params, init_params
@@ -154,24 +155,17 @@ def bench_train(config, model, mesh, batch, repeats):
 
 def bench_sample(config, model, mesh, batch, repeats, *, sampler, steps, guidance):
   """Compile time and timing of the whole jitted sampler; FLOPs = steps x one guided call."""
-  sample_fn = sampling.make_sample_fn(model, config, sampler=sampler, steps=steps)
-  whole = jax.jit(lambda p, x, a, rng: sample_fn(p, x, a, rng, guidance))
-  put = lambda x: jax.device_put(x, parallel.replicated(mesh))
   params = init_params(model, jax.random.key(config.seed), pipeline.image_shape(config),
                        out_sharding=parallel.replicated(mesh))
-  image, attributes = map(put, random_inputs(config, batch, model.num_attributes or 1))
-  args = (params, image, attributes, jax.random.key(1))
-  compiled, compile_s = compile_timed(whole, *args)
-  step_flops = xla_flops(jax.jit(functools.partial(guided_call, model, guidance)).lower(*args[:3]))
-  return compile_s, step_flops * steps, time_calls(lambda: compiled(*args), repeats)
-
-
-def guided_call(model, guidance, params, x, attributes):
-  """One denoiser evaluation as the samplers make it (both CFG branches when w != 1)."""
-  model_fn = lambda x, t, a: model.apply({'params': params}, x, t, a)
-  t = jnp.zeros((x.shape[0],), jnp.int32)
-  return diffusion.guided_output(model_fn, x, t, attributes if model.num_attributes else None,
-                                 guidance)
+  runner = Sampler(config, model, params)
+  image, attributes = random_inputs(config, batch, model.num_attributes or 1)
+  start = time.perf_counter()
+  run = runner.compiled(image, attributes, guidance, solver=sampler, steps=steps)
+  compile_s = time.perf_counter() - start
+  t = jnp.zeros((batch,), jnp.int32)
+  guided = jax.jit(functools.partial(runner.guided_output, guidance=guidance))
+  step_flops = xla_flops(guided.lower(params, jnp.asarray(image), t, jnp.asarray(attributes)))
+  return compile_s, step_flops * steps, time_calls(run, repeats)
 
 
 def parameter_count(model, image_shape):
@@ -201,7 +195,7 @@ def run(config, *, what=WORKLOADS, batch=None, sampler=None, steps=None, guidanc
     raise UserError(f'--repeats must be at least 1, got {repeats}')
   batch = batch or config.train.batch_size
   sampler = sampler or config.sample.sampler
-  steps = sampling.default_steps(config, sampler, steps)
+  steps = default_steps(config, sampler, steps)
   guidance = config.sample.guidance if guidance is None else guidance
   mesh = parallel.create_mesh()
   parallel.check_global_batch(batch, mesh)

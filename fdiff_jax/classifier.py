@@ -22,11 +22,11 @@ from absl import logging
 from clu import metric_writers
 
 from fdiff_jax import checkpoints, parallel
+from fdiff_jax.batching import map_batches
 from fdiff_jax.data import pipeline
 from fdiff_jax.data.attributes import DIGIT_ATTRIBUTES
 from fdiff_jax.errors import UserError
 from fdiff_jax.metrics import fid
-from fdiff_jax.metrics.batches import apply_in_batches
 from fdiff_jax.train_state import make_optimizer
 
 VALIDATION_FILE = 'validation.json'
@@ -226,8 +226,8 @@ class Classifier:
     if images.ndim != 4 or images.shape[-1] != channels:
       raise UserError(f'the classifier reads [N, H, W, {channels}] images, got {images.shape}; '
                       'was it trained on the same dataset as the diffusion model?')
-    return apply_in_batches(functools.partial(self._apply, self.params), images,
-                            min(batch_size, len(images)))
+    return map_batches(lambda _, x: self._apply(self.params, x), (images,),
+                       min(batch_size, len(images)))
 
   def run_on_split(self, config, split=None, transform=None, batch_size=256):
     """One pass over a split of `config`'s data: (predicted, targets, FeatureStatistics).

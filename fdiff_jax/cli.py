@@ -96,12 +96,14 @@ def _join_attribute_values(argv):
   return joined
 
 
-def _load(args):
-  """(config, model, EMA params) of the workdir, after checking that some output is asked for."""
-  from fdiff_jax import checkpoints
+def _sampler(args):
+  """The `Sampler` of the workdir's model, after checking that some output is asked for."""
+  from fdiff_jax import checkpoints, sampler
   if not (args.out or args.out_dir or getattr(args, 'gif', None)):
     raise UserError('nothing would be written; give --out FILE.png and/or --out-dir DIR')
-  return checkpoints.load_model(args.workdir, args.checkpoint_step)[:3]
+  config, model, params, _ = checkpoints.load_model(args.workdir, args.checkpoint_step)
+  return sampler.Sampler(config, model, params, batch_size=args.batch_size,
+                         progress=sampler.print_progress)
 
 
 def _write(rows, prefix, out, out_dir, scale):
@@ -144,22 +146,22 @@ def cmd_sample(args, unknown):
   import numpy as np
   from fdiff_jax import generate
   guidances = generate.parse_guidance(args.guidance) if args.guidance else [None]
-  config, model, params = _load(args)
-  rows = np.stack([generate.attribute_vector(config, text) for text in _attribute_lines(args)])
-  samples = generate.guidance_sweep(config, model, params, rows, guidances, num=args.num,
-                                    seed=args.seed, sampler=args.sampler, steps=args.steps,
-                                    eta=args.eta, batch_size=args.batch_size)
+  sampler = _sampler(args)
+  rows = np.stack([generate.attribute_vector(sampler.config, text)
+                   for text in _attribute_lines(args)])
+  samples = generate.guidance_sweep(sampler, rows, guidances, num=args.num, seed=args.seed,
+                                    solver=args.sampler, steps=args.steps, eta=args.eta)
   _write(samples.reshape((-1,) + samples.shape[2:]), 'sample', args.out, args.out_dir, args.scale)
 
 
 def cmd_interpolate(args, unknown):
   from fdiff_jax import generate, images
-  config, model, params = _load(args)
+  sampler = _sampler(args)
   frames = generate.interpolate(
-      config, model, params, generate.attribute_vector(config, args.start),
-      generate.attribute_vector(config, args.end), frames=args.frames,
-      seeds=_int_list(args.seeds, '--seeds'), guidance=args.guidance, sampler=args.sampler,
-      steps=args.steps, eta=args.eta, batch_size=args.batch_size)
+      sampler, generate.attribute_vector(sampler.config, args.start),
+      generate.attribute_vector(sampler.config, args.end), frames=args.frames,
+      seeds=_int_list(args.seeds, '--seeds'), guidance=args.guidance, solver=args.sampler,
+      steps=args.steps)
   _write(frames, 'frame', args.out, args.out_dir, args.scale)
   if args.gif:
     images.save_gif(args.gif, [images.grid_image(frames[:, f:f + 1]) for f in range(args.frames)],
@@ -171,7 +173,8 @@ def cmd_edit(args, unknown):
   import os
   import numpy as np
   from fdiff_jax import generate
-  config, model, params = _load(args)
+  sampler = _sampler(args)
+  config = sampler.config
   image = generate.load_image(args.image, config)[None]
   classifier_dir = args.classifier or os.path.join(args.workdir, 'classifier')
   source_text = args.source
@@ -187,8 +190,8 @@ def cmd_edit(args, unknown):
     source = generate.attribute_vector(config, source_text)[None]
   target = generate.updated_attributes(source, generate.attribute_vector(config, args.set))
   reconstruction, edited = generate.edit(
-      config, model, params, image, source, target, method=args.method, strength=args.strength,
-      guidance=args.guidance, steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+      sampler, image, source, target, method=args.method, strength=args.strength,
+      guidance=args.guidance, steps=args.steps, seed=args.seed)
   panel = np.stack([image, reconstruction, edited], axis=1)  # original | reconstruction | edit
   _write(panel, 'edit', args.out, None, args.scale)
   _write(edited[:, None], 'edit', None, args.out_dir, args.scale)
@@ -259,7 +262,6 @@ def build_parser():
   p.add_argument('--frames', type=int, default=8)
   p.add_argument('--seeds', default='0', help='one row per seed: image 0 of `fdiff sample --seed`')
   p.add_argument('--sampler', help='ddim | dpm++, deterministic (default: sample.sampler)')
-  p.add_argument('--eta', type=float, default=0.0, help='must be 0: DDIM noise breaks identity')
   p.add_argument('--guidance', type=float, help='CFG weight w (default: sample.guidance)')
   p.add_argument('--gif', help='also write an animation here')
   p.set_defaults(func=cmd_interpolate)

@@ -15,21 +15,23 @@ An unconditional workdir ignores attributes and guidance: it is sampled once
 and reported with guidance null, the baseline the conditional runs beat.
 Writes report.json, report.md and report.png.
 """
+import dataclasses
 import hashlib
 import json
 import os
 import time
+from typing import Optional
 
-import jax
 import numpy as np
 from absl import logging
 
-from fdiff_jax import checkpoints, classifier as classifier_lib, images, sampling
+from fdiff_jax import checkpoints, classifier as classifier_lib, images
 from fdiff_jax.data import attributes as attributes_lib
 from fdiff_jax.data import pipeline
 from fdiff_jax.errors import UserError
 from fdiff_jax.metrics import fid, inception, plot
-from fdiff_jax.metrics.batches import apply_in_batches
+from fdiff_jax.batching import map_batches
+from fdiff_jax.sampler import Sampler
 
 CACHE_DIR = 'eval_cache'
 
@@ -81,7 +83,7 @@ def inception_reference(workdir, config, feature_fn, weights_id, batch_size):
     stats = fid.FeatureStatistics()
     for batch in pipeline.create_eval_iterator(config, batch_size=batch_size):
       if len(batch['image']):
-        stats.update(apply_in_batches(feature_fn, uint8_round_trip(batch['image']), batch_size))
+        stats.update(_features(feature_fn, uint8_round_trip(batch['image']), batch_size))
     mu, sigma = stats.mean_and_covariance()
     return {'mu': mu, 'sigma': sigma, 'count': np.int64(stats.count)}
   return cached(_cache_path(workdir, 'inception', key), key, compute)
@@ -107,22 +109,35 @@ def conditioning(targets, names, informative, one_hot, num_samples, seed):
   return realistic.astype(np.float32), np.repeat(single, -(-num_samples // len(single)), axis=0)
 
 
-def generate(sample_fn, params, shape, vectors, guidance, seed, part, batch_size):
-  """One sample per attribute vector in fixed batches; noise depends only on (seed, part, index).
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What every run is evaluated with."""
+  num_samples: int
+  sampler: str
+  steps: Optional[int]
+  guidance: list
+  seed: int
+  batch_size: int
 
-  `guidance` None (unconditional model) samples with w = 1, one model call
-  per step; otherwise w is passed as an array, so every w shares one compile.
-  """
-  out = []
-  for b, start in enumerate(range(0, len(vectors), batch_size)):
-    chunk = vectors[start:start + batch_size]
-    attrs = np.pad(chunk, [(0, batch_size - len(chunk)), (0, 0)])
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), part), b)
-    noise_key, sample_key = jax.random.split(key)
-    x_T = jax.random.normal(noise_key, (batch_size,) + shape)
-    w = 1.0 if guidance is None else np.full((batch_size,), guidance, np.float32)
-    out.append(np.asarray(sample_fn(params, x_T, attrs, sample_key, w))[:len(chunk)])
-  return np.concatenate(out)
+
+@dataclasses.dataclass
+class Run:
+  """A workdir ready to evaluate: its sampler, conditioning vectors and real-data references."""
+  workdir: str
+  name: str
+  step: int
+  sampler: Sampler
+  classifier_ref: tuple
+  informative: np.ndarray
+  realistic: np.ndarray
+  single: np.ndarray
+  ceiling: dict
+  reference_count: int
+  inception_ref: Optional[tuple] = None
+
+  @property
+  def config(self):
+    return self.sampler.config
 
 
 def _accuracy(predicted, vectors, informative, clf):
@@ -131,32 +146,42 @@ def _accuracy(predicted, vectors, informative, clf):
   return {'mean': mean, 'per_attribute': per_attribute, 'num_samples': len(vectors)}
 
 
-def _sample_and_classify(run, clf, vectors, guidance, part, settings):
-  """Uint8 round-tripped samples for `vectors`, with the classifier's (predictions, features)."""
-  samples = uint8_round_trip(generate(run['sample_fn'], run['params'], pipeline.image_shape(run['config']),
-                                      vectors, guidance, settings['seed'], part, settings['batch_size']))
-  return (samples, *clf(samples, settings['batch_size']))
+def _sample_and_classify(run, clf, vectors, guidance, settings):
+  """Uint8 round-tripped samples for `vectors`, with the classifier's (predictions, features).
+
+  Image i starts from noise i of the seed, for the realistic and the single-prompt
+  vectors alike; `guidance` None (an unconditional model) means no guidance.
+  """
+  samples = uint8_round_trip(run.sampler.sample(vectors, seed=settings.seed, guidance=guidance,
+                                                solver=settings.sampler, steps=settings.steps))
+  return (samples, *clf(samples, settings.batch_size))
 
 
-def evaluate_point(run, clf, feature_fn, guidance, settings):
+def evaluate_point(run, clf, feature_fn, guidance, settings, out_dir):
   """All metrics of one (workdir, guidance): a report row."""
   start = time.perf_counter()
-  samples, predicted, features = _sample_and_classify(run, clf, run['realistic'], guidance, 0, settings)
-  _, single_predicted, _ = _sample_and_classify(run, clf, run['single'], guidance, 1, settings)
+  w = 1.0 if guidance is None else guidance
+  samples, predicted, features = _sample_and_classify(run, clf, run.realistic, w, settings)
+  _, single_predicted, _ = _sample_and_classify(run, clf, run.single, w, settings)
   row = {'guidance': guidance, 'num_samples': len(samples),
-         'classifier_fd': fid.frechet_distance(*fid.statistics(features)[:2], *run['classifier_ref']),
+         'classifier_fd': fid.frechet_distance(*fid.statistics(features)[:2], *run.classifier_ref),
          'fid': None,
-         'attribute_accuracy': _accuracy(predicted, run['realistic'], run['informative'], clf),
-         'single_attribute_accuracy': _accuracy(single_predicted, run['single'], run['informative'], clf)}
+         'attribute_accuracy': _accuracy(predicted, run.realistic, run.informative, clf),
+         'single_attribute_accuracy': _accuracy(single_predicted, run.single, run.informative, clf)}
   if feature_fn is not None:
-    sample_stats = fid.statistics(apply_in_batches(feature_fn, samples, settings['batch_size']))
-    row['fid'] = fid.frechet_distance(*sample_stats[:2], *run['inception_ref'])
+    sample_stats = fid.statistics(_features(feature_fn, samples, settings.batch_size))
+    row['fid'] = fid.frechet_distance(*sample_stats[:2], *run.inception_ref)
   row['wall_time_s'] = time.perf_counter() - start
   grid = images.make_grid(images.to_uint8(samples[:64]), rows=int(np.ceil(min(len(samples), 64) ** 0.5)))
   name = 'uncond' if guidance is None else f'w{guidance:g}'
-  images.save_png(os.path.join(settings['out_dir'], 'samples', f"{run['name']}_{name}.png"), grid,
+  images.save_png(os.path.join(out_dir, 'samples', f'{run.name}_{name}.png'), grid,
                   scale=max(1, 512 // grid.shape[0]))
   return row
+
+
+def _features(feature_fn, images_, batch_size):
+  """FID Inception features of many images, in fixed-size batches."""
+  return map_batches(lambda _, x: feature_fn(x), (images_,), min(batch_size, len(images_)))
 
 
 def resolve_inception(weights, compute_fid):
@@ -183,17 +208,16 @@ def prepare_run(workdir, clf, settings):
   if names != clf.attribute_names:
     raise UserError(f'{workdir} is a {config.data.dataset} model but the classifier was trained on '
                     f'{clf.config.data.dataset}; train a classifier on the same dataset')
-  ref = classifier_reference(workdir, config, clf, settings['batch_size'])
+  ref = classifier_reference(workdir, config, clf, settings.batch_size)
   informative = informative_attributes(ref['targets'], clf.one_hot)
   realistic, single = conditioning(ref['targets'], names, informative, clf.one_hot,
-                                   settings['num_samples'], settings['seed'])
-  ceiling = _accuracy(ref['predicted'], ref['targets'], informative, clf)
-  sample_fn = sampling.make_sample_fn(model, config, sampler=settings['sampler'], steps=settings['steps'])
-  return {'workdir': workdir, 'name': os.path.basename(os.path.normpath(workdir)), 'config': config,
-          'params': params, 'step': step, 'conditional': bool(config.model.conditional),
-          'sample_fn': sample_fn, 'classifier_ref': (ref['mu'], ref['sigma']),
-          'informative': informative, 'realistic': realistic, 'single': single, 'ceiling': ceiling,
-          'reference_count': len(ref['targets'])}
+                                   settings.num_samples, settings.seed)
+  return Run(workdir=workdir, name=os.path.basename(os.path.normpath(workdir)), step=step,
+             sampler=Sampler(config, model, params, batch_size=settings.batch_size),
+             classifier_ref=(ref['mu'], ref['sigma']), informative=informative,
+             realistic=realistic, single=single,
+             ceiling=_accuracy(ref['predicted'], ref['targets'], informative, clf),
+             reference_count=len(ref['targets']))
 
 
 def evaluate(workdirs, classifier_dir, *, num_samples=1000, sampler='dpm++', steps=None,
@@ -203,14 +227,13 @@ def evaluate(workdirs, classifier_dir, *, num_samples=1000, sampler='dpm++', ste
   if num_samples < 2:
     raise UserError(f'--num-samples {num_samples}: need at least 2 for a covariance')
   out_dir = out_dir or os.path.join(workdirs[0], 'eval')
-  settings = {'num_samples': num_samples, 'sampler': sampler, 'steps': steps,
-              'guidance': [float(w) for w in guidance], 'seed': seed, 'batch_size': batch_size,
-              'out_dir': out_dir}
+  settings = Settings(num_samples=num_samples, sampler=sampler, steps=steps,
+                      guidance=[float(w) for w in guidance], seed=seed, batch_size=batch_size)
   clf = classifier_lib.load_classifier(classifier_dir)
   feature_fn, weights_id, fid_message = resolve_inception(inception_weights, compute_fid)
   if fid_message:
     logging.warning('%s', fid_message)
-  report = {'settings': {k: v for k, v in settings.items() if k != 'out_dir'},
+  report = {'settings': dataclasses.asdict(settings),
             'out_dir': os.path.abspath(out_dir),
             'classifier': {'workdir': os.path.abspath(classifier_dir), 'step': clf.step},
             'fid': {'available': feature_fn is not None, 'weights': weights_id, 'message': fid_message,
@@ -219,20 +242,20 @@ def evaluate(workdirs, classifier_dir, *, num_samples=1000, sampler='dpm++', ste
   for workdir in workdirs:
     run = prepare_run(workdir, clf, settings)
     if feature_fn is not None:
-      ref = inception_reference(workdir, run['config'], feature_fn, weights_id, batch_size)
-      run['inception_ref'] = (ref['mu'], ref['sigma'])
-    scales = settings['guidance'] if run['conditional'] else [None]
+      ref = inception_reference(workdir, run.config, feature_fn, weights_id, batch_size)
+      run.inception_ref = (ref['mu'], ref['sigma'])
+    scales = settings.guidance if run.sampler.conditional else [None]
     rows = []
     for w in scales:
-      rows.append(evaluate_point(run, clf, feature_fn, w, settings))
-      logging.info('%s guidance %s: %s', run['name'], w, rows[-1])
+      rows.append(evaluate_point(run, clf, feature_fn, w, settings, out_dir))
+      logging.info('%s guidance %s: %s', run.name, w, rows[-1])
     report['runs'].append({
-        'workdir': os.path.abspath(workdir), 'name': run['name'], 'step': run['step'],
-        'conditional': run['conditional'], 'dataset': run['config'].data.dataset,
-        'image_size': run['config'].data.image_size,
-        'reference': {'split': run['config'].data.eval_split, 'count': run['reference_count']},
-        'scored_attributes': [n for n, s in zip(clf.attribute_names, run['informative']) if s],
-        'classifier_ceiling': run['ceiling'], 'results': rows})
+        'workdir': os.path.abspath(workdir), 'name': run.name, 'step': run.step,
+        'conditional': run.sampler.conditional, 'dataset': run.config.data.dataset,
+        'image_size': run.config.data.image_size,
+        'reference': {'split': run.config.data.eval_split, 'count': run.reference_count},
+        'scored_attributes': [n for n, s in zip(clf.attribute_names, run.informative) if s],
+        'classifier_ceiling': run.ceiling, 'results': rows})
   write_report(report, out_dir)
   return report
 

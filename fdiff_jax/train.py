@@ -16,11 +16,12 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
-from fdiff_jax import checkpoints, diffusion, images, parallel, sampling
+from fdiff_jax import checkpoints, diffusion, images, parallel
 from fdiff_jax.data import attributes as attributes_lib
 from fdiff_jax.data import pipeline, sources
 from fdiff_jax.errors import UserError
 from fdiff_jax.models import build_model, init_params
+from fdiff_jax.sampler import Sampler
 from fdiff_jax.train_state import (TrainState, create_train_state, ema_decay,
                                    learning_rate_schedule, make_optimizer)
 
@@ -82,20 +83,16 @@ def grid_attributes(config, names):
   return np.repeat(rows, config.sample.grid_size, axis=0), len(prompts)
 
 
-def write_sample_grid(config, model, state, names, mesh, writer, workdir, sample_fn):
-  """Samples the grid from the EMA params with fixed noise; PNG + TensorBoard."""
+def write_sample_grid(state, names, writer, workdir, sampler):
+  """Samples the grid from the EMA params with the config's seed; PNG + TensorBoard."""
+  config = sampler.config
   attrs, rows = grid_attributes(config, names)
-  shape = (attrs.shape[0],) + pipeline.image_shape(config)
-  noise_key, sample_key = jax.random.split(seed_keys(config)['grid'])
-  put = lambda x: jax.device_put(x, parallel.replicated(mesh))
-  x_T = put(jax.random.normal(noise_key, shape))
-  samples = sample_fn(state.ema_params, x_T, put(jnp.asarray(attrs)), sample_key,
-                      float(config.sample.guidance))
-  grid = images.make_grid(images.to_uint8(jax.device_get(samples)), rows)
+  samples = sampler.with_params(state.ema_params).sample(attrs, seed=config.seed)
+  grid = images.make_grid(images.to_uint8(samples), rows)
   step = int(state.step)
   if parallel.is_main_process():
     images.save_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid,
-                    scale=max(1, 128 // shape[1]))
+                    scale=max(1, 128 // samples.shape[1]))
     writer.write_images(step, {'samples': grid[None]})
 
 
@@ -196,7 +193,7 @@ def train_and_evaluate(config, workdir, mesh=None):
     parameter_overview.log_parameter_overview(state.params)
 
   step_fn = jit_train_step(config, model, tx, schedule, mesh)
-  sample_fn = sampling.make_sample_fn(model, config)
+  grid_sampler = Sampler(config, model, state.ema_params, batch_size=len(grid_attributes(config, names)[0]))
   num_steps = config.train.num_steps
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   batches = pipeline.create_train_iterator(config, start_step=start, split=train_split)
@@ -226,7 +223,7 @@ def train_and_evaluate(config, workdir, mesh=None):
         if save_now:
           checkpoints.save(manager, step, state)
         if step % config.train.sample_every == 0 or step == num_steps:
-          write_sample_grid(config, model, state, names, mesh, writer, workdir, sample_fn)
+          write_sample_grid(state, names, writer, workdir, grid_sampler)
         if preempted:
           logging.warning('SIGTERM: saved a checkpoint at step %d and stopped', step)
           break
