@@ -26,29 +26,24 @@ def _config_overrides(unknown):
   return overrides
 
 
-def cmd_train(args, unknown):
+def cmd_train(args, overrides):
   from fdiff_jax import config_utils
-  config = config_utils.load_config(args.config, _config_overrides(unknown))  # Before TF's import noise.
+  config = config_utils.load_config(args.config, overrides)  # Before TF's import noise.
   from fdiff_jax import parallel, train
   parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                   args.local_device_ids)
   train.train_and_evaluate(config, args.workdir)
 
 
-def cmd_synth_celeba(args, unknown):
+def cmd_synth_celeba(args):
   from fdiff_jax.data import synth_celeba
-  official = f'{synth_celeba.HEIGHT}x{synth_celeba.WIDTH}'
-  if args.size.lower() != official:
-    raise UserError(f'--size {args.size}: CelebA\'s aligned images are {official} (HxW) and the '
-                    'celeba builder checks it; set the training resolution with '
-                    '--config.data.image_size instead')
   synth_celeba.write_synthetic_celeba(args.dir, num=args.num, seed=args.seed, layout=args.layout)
   print(f'wrote {args.num} synthetic CelebA images to {args.dir}')
 
 
-def cmd_bench(args, unknown):
+def cmd_bench(args, overrides):
   from fdiff_jax import config_utils
-  config = config_utils.load_config(args.config, _config_overrides(unknown))
+  config = config_utils.load_config(args.config, overrides)
   from fdiff_jax import bench
   what = bench.parse_workloads(args.what)
   result = bench.run(config, what=what, batch=args.batch, sampler=args.sampler, steps=args.steps,
@@ -59,15 +54,15 @@ def cmd_bench(args, unknown):
     bench.write_json(result, args.out)
 
 
-def cmd_train_classifier(args, unknown):
+def cmd_train_classifier(args, overrides):
   from fdiff_jax import config_utils
-  config = config_utils.load_config(args.config, _config_overrides(unknown))
+  config = config_utils.load_config(args.config, overrides)
   from fdiff_jax import classifier
   result = classifier.train_classifier(config, args.workdir)
   print(classifier.format_accuracy(result))
 
 
-def cmd_evaluate(args, unknown):
+def cmd_evaluate(args):
   from fdiff_jax import evaluate, generate
   report = evaluate.evaluate(
       args.workdir, args.classifier, num_samples=args.num_samples, sampler=args.sampler,
@@ -142,7 +137,7 @@ def _int_list(text, flag):
     raise UserError(f'{flag} {text!r} is not a comma-separated list of integers, e.g. 0,1,2') from None
 
 
-def cmd_sample(args, unknown):
+def cmd_sample(args):
   import numpy as np
   from fdiff_jax import generate
   guidances = generate.parse_guidance(args.guidance) if args.guidance else [None]
@@ -154,7 +149,7 @@ def cmd_sample(args, unknown):
   _write(samples.reshape((-1,) + samples.shape[2:]), 'sample', args.out, args.out_dir, args.scale)
 
 
-def cmd_interpolate(args, unknown):
+def cmd_interpolate(args):
   from fdiff_jax import generate, images
   sampler = _sampler(args)
   frames = generate.interpolate(
@@ -169,7 +164,7 @@ def cmd_interpolate(args, unknown):
     print(f'wrote {args.gif}')
 
 
-def cmd_edit(args, unknown):
+def cmd_edit(args):
   import os
   import numpy as np
   from fdiff_jax import generate
@@ -305,7 +300,6 @@ def build_parser():
   p = data.add_parser('synth-celeba', help='write a synthetic CelebA in the official file layout')
   p.add_argument('dir')
   p.add_argument('--num', type=int, default=2000)
-  p.add_argument('--size', default='218x178', help='JPEG size HxW; only the official 218x178')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--layout', choices=('official', 'kaggle'), default='official')
   p.set_defaults(func=cmd_synth_celeba)
@@ -323,9 +317,12 @@ def main(argv=None):
   except SystemExit as e:  # --help, or a flag error already printed as one line.
     return e.code
   try:
-    if unknown and not getattr(args, 'takes_overrides', False):
+    if getattr(args, 'takes_overrides', False):
+      args.func(args, _config_overrides(unknown))
+    elif unknown:
       raise UserError(f"unrecognized arguments: {' '.join(unknown)}")
-    args.func(args, unknown)
+    else:
+      args.func(args)
   except UserError as e:
     print(f'fdiff: error: {e}', file=sys.stderr)
     return 2

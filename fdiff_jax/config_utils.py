@@ -1,20 +1,32 @@
-"""Load an ml_collections config file and apply `--config.a.b=value` overrides."""
-import ast
+"""Load an ml_collections config file and apply `a.b=value` overrides (`--config.a.b=value`)."""
 import difflib
 import importlib.util
 import json
 import os
 import sys
+from typing import Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections.config_flags import config_path, tuple_parser
 
-from fdiff_jax.errors import UserError
+from fdiff_jax.errors import UserError, lookup
+
+# Per field type: the parser ml_collections' config_flags uses for it, and what it accepts.
+_PARSERS = {
+    bool: (flags.BooleanParser(), 'true or false'),
+    int: (flags.IntegerParser(), 'an integer'),
+    float: (flags.FloatParser(), 'a number'),
+    str: (flags.ArgumentParser(), 'a string'),
+    tuple: (tuple_parser.TupleParser(), 'a tuple such as 1,2 or (1, 2)'),
+}
 
 
-def load_config_file(path):
+def load_config_file(path: str) -> ml_collections.ConfigDict:
   """Runs `get_config()` of the Python file at `path`."""
   if not os.path.isfile(path):
-    raise UserError(f'config file {path!r} not found; pass e.g. --config configs/digits.py')
+    raise UserError(f'config file {path!r} not found; the shipped ones are in configs/, e.g. '
+                    'configs/digits.py')
   # Variants import their base (`from configs import default`): make the folder
   # holding the `configs` package importable, wherever the command runs from.
   folder = os.path.dirname(os.path.abspath(path))
@@ -33,71 +45,60 @@ def load_config_file(path):
   return module.get_config()
 
 
-def _parse_value(text, old):
-  if isinstance(old, str):
-    return text
+def _check_key(config: ml_collections.ConfigDict, dotted_key: str) -> None:
+  """Raises a UserError naming the closest fields unless config.<dotted_key> exists."""
+  node, path = config, 'config'
+  for name in dotted_key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise UserError(f'unknown config field config.{dotted_key}: {path} is a single value '
+                      f'({node!r}), not a group of fields')
+    if name not in node:
+      close = difflib.get_close_matches(name, list(node), n=3)
+      hint = f'did you mean {", ".join(close)}?' if close else f'{path} has {", ".join(node)}'
+      raise UserError(f'unknown config field config.{dotted_key}; {hint}')
+    node, path = node[name], f'{path}.{name}'
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
+  """Sets config.<dotted_key> to `text` parsed as the field's current type."""
+  _check_key(config, dotted_key)
+  field_type = config_path.get_type(dotted_key, config)
+  if field_type not in _PARSERS:
+    raise UserError(f'config.{dotted_key} is a {field_type.__name__}; only '
+                    f'{", ".join(t.__name__ for t in _PARSERS)} fields can be set from text')
+  parser, accepted = _PARSERS[field_type]
   try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    if isinstance(old, bool) and text.lower() in ('true', 'false'):
-      return text.lower() == 'true'
-    raise UserError(f'cannot parse {text!r} as a {type(old).__name__}') from None
-  if isinstance(old, bool) and not isinstance(value, bool):
-    raise UserError(f'expected True or False, got {text!r}')
-  if isinstance(old, float) and isinstance(value, int):
-    value = float(value)
-  if isinstance(old, (tuple, list)) and not isinstance(value, (tuple, list)):
-    value = (value,)
-  if isinstance(old, tuple):
-    value = tuple(value)
-  return value
+    value = parser.parse(text)
+  except ValueError:
+    raise UserError(f'config.{dotted_key} = {text!r} is not {accepted}') from None
+  config.update_from_flattened_dict({dotted_key: value})
 
 
-def apply_override(config, dotted_key, text):
-  """Sets config[a][b] = parsed text; unknown keys name the closest valid ones."""
-  *parents, leaf = dotted_key.split('.')
-  node = config
-  for i, name in enumerate(parents + [leaf]):
-    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-      where = '.'.join(parents[:i]) or 'config'
-      valid = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      close = difflib.get_close_matches(name, valid, n=3)
-      hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
-      raise UserError(f'unknown config key {dotted_key!r} ({name!r} not in {where}){hint}')
-    if name != leaf:
-      node = node[name]
-  try:
-    node[leaf] = _parse_value(text, node[leaf])
-  except (UserError, TypeError) as e:  # TypeError: ml_collections refuses a change of type.
-    message = str(e).split(' (reference). ')[-1]
-    raise UserError(f'--config.{dotted_key}: {message}') from None
-
-
-def load_config(path, overrides=()):
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Config from a file plus ['a.b=value', ...] overrides, checked by `validate`."""
   config = load_config_file(path)
   for item in overrides:
     key, sep, value = item.partition('=')
     if not sep:
-      raise UserError(f'override {item!r} needs the form --config.a.b=value')
+      raise UserError(f'override {item!r} needs the form a.b=value')
     apply_override(config, key, value)
   validate(config)
   return config
 
 
-def validate(config):
+def validate(config: ml_collections.ConfigDict) -> None:
   """Catches the config mistakes that would otherwise fail late (after training) or deep (in XLA)."""
   # Imported here: these pull in jax, which loading a config file does not need.
   import jax.numpy as jnp
   from fdiff_jax import train_state
-  from fdiff_jax.diffusion import losses, samplers, schedules
+  from fdiff_jax.diffusion import losses, schedules, solvers
   choices = {'diffusion.schedule': schedules.SCHEDULES, 'diffusion.prediction': losses.PREDICTIONS,
-             'sample.sampler': samplers.SAMPLERS, 'train.lr_schedule': train_state.LR_SCHEDULES,
+             'sample.sampler': solvers.SAMPLERS, 'train.lr_schedule': train_state.LR_SCHEDULES,
              'classifier.lr_schedule': train_state.LR_SCHEDULES}
-  for key, valid in choices.items():
+  for key, registry in choices.items():
     value = _get(config, key)
-    if value is not None and value not in valid:
-      raise UserError(f'config.{key} = {value!r}; use one of {", ".join(valid)}')
+    if value is not None:
+      lookup(registry, value, f'config.{key}')
   for key in ('model.dtype', 'model.param_dtype'):
     try:
       jnp.dtype(_get(config, key))

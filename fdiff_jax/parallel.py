@@ -41,7 +41,7 @@ def check_global_batch(global_batch, mesh):
   if global_batch % n or global_batch % jax.process_count():
     raise UserError(
         f'global batch size {global_batch} does not divide over {n} devices in '
-        f'{jax.process_count()} process(es); set --config.train.batch_size to a multiple of {n}')
+        f'{jax.process_count()} process(es); set config.train.batch_size to a multiple of {n}')
 
 
 def global_batch(local_batch, mesh):
@@ -91,11 +91,11 @@ def _explicit_settings(coordinator_address, num_processes, process_id):
   if not given:
     return None
   if len(given) < len(settings):
-    raise UserError('multi-process training needs all of --coordinator_address, --num_processes '
-                    f'and --process_id (or FDIFF_* variables); got only {", ".join(given)}')
+    raise UserError('multi-process training needs all of coordinator_address, num_processes '
+                    f'and process_id (flags or FDIFF_* variables); got only {", ".join(given)}')
   if not 0 <= settings['process_id'] < settings['num_processes']:
-    raise UserError(f'--process_id {settings["process_id"]} is not in '
-                    f'[0, --num_processes {settings["num_processes"]})')
+    raise UserError(f'process_id {settings["process_id"]} is not in '
+                    f'[0, num_processes {settings["num_processes"]})')
   return settings
 
 

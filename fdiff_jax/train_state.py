@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fdiff_jax.errors import UserError
+from fdiff_jax.errors import lookup
 
 
 @flax.struct.dataclass
@@ -17,20 +17,21 @@ class TrainState:
   opt_state: Any
 
 
-LR_SCHEDULES = ('constant', 'cosine')
+def _constant(peak: float, decay_steps: int) -> optax.Schedule:
+  del decay_steps  # Constant schedules do not decay.
+  return optax.constant_schedule(peak)
+
+
+# Name -> schedule(peak, decay_steps) after warm-up; the names config.*.lr_schedule accepts.
+LR_SCHEDULES = {'constant': _constant, 'cosine': optax.cosine_decay_schedule}
 
 
 def learning_rate_schedule(train_config):
   """Linear warm-up, then constant or cosine decay to zero at num_steps."""
+  after_warmup = lookup(LR_SCHEDULES, train_config.lr_schedule, 'lr_schedule')
   warmup = max(int(train_config.warmup_steps), 1)
   peak = train_config.learning_rate
-  if train_config.lr_schedule == 'constant':
-    decay = optax.constant_schedule(peak)
-  elif train_config.lr_schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(peak, max(train_config.num_steps - warmup, 1))
-  else:
-    raise UserError(f'unknown lr_schedule {train_config.lr_schedule!r}; use one of '
-                    f'{", ".join(LR_SCHEDULES)}')
+  decay = after_warmup(peak, max(train_config.num_steps - warmup, 1))
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 

@@ -197,7 +197,7 @@ def test_changed_manual_files_are_prepared_again(config, tmp_path):
 
 
 @pytest.mark.parametrize('manual_dir, message', [
-    ('', 'needs --config.data.manual_dir'),
+    ('', 'needs config.data.manual_dir'),
     ('/nonexistent/celeba', "'/nonexistent/celeba' does not exist"),
 ])
 def test_celeba_without_files_is_a_user_error(config, manual_dir, message):

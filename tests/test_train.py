@@ -178,13 +178,17 @@ def test_bad_config_file_and_bad_value_are_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('overrides, expected', [
-    (['train.batch_size=1.5'], "--config.train.batch_size: 1.5 is of original type <class 'float'>"),
+    (['train.batch_size=1.5'], "config.train.batch_size = '1.5' is not an integer"),
+    (['data.random_flip=maybe'], "config.data.random_flip = 'maybe' is not true or false"),
+    (['model.ch_mult=(1,2'], "config.model.ch_mult = '(1,2' is not a tuple"),
+    (['train=1'], 'config.train is a ConfigDict'),
+    (['seed.value=1'], 'config.seed is a single value (0)'),
     (['sample.sampler=euler'], 'config.sample.sampler'),
     (['train.lr_schedule=linear'], 'use one of constant, cosine'),
     (['model.dtype=float33'], 'not a dtype'),
     (['data.image_size=14', 'model.ch_mult=(1,2,2)'], 'divisible by 4'),
     (['model.num_heads=3'], 'num_heads = 3 must divide'),
-    ([], 'needs --config.data.manual_dir'),   # The data is checked before the workdir is made.
+    ([], 'needs config.data.manual_dir'),   # The data is checked before the workdir is made.
 ])
 def test_config_mistakes_are_one_line_and_leave_no_workdir(tmp_path, capsys, overrides, expected):
   workdir = tmp_path / 'run'
@@ -226,6 +230,15 @@ def test_config_round_trips_through_the_workdir(tmp_path):
   assert loaded.model.ch_mult == (1, 2, 4) and loaded.train.learning_rate == 3.0
   assert json.loads(config_utils.config_to_json(loaded)) == json.loads(config_utils.config_to_json(config))
 
+
+
+def test_config_overrides_parse_as_the_fields_type():
+  config = config_utils.load_config('configs/test.py', [
+      'data.random_flip=false', 'train.warmup_steps=7', 'train.learning_rate=1e-3',
+      'model.attn_resolutions=4', 'sample.grid_prompts=Smiling,-Male', 'sample.sampler=ddim'])
+  assert config.data.random_flip is False and config.train.warmup_steps == 7
+  assert config.train.learning_rate == 1e-3 and config.model.attn_resolutions == (4,)
+  assert config.sample.grid_prompts == ('Smiling,-Male',) and config.sample.sampler == 'ddim'
 
 DEVICES_SCRIPT = textwrap.dedent('''
     import json, sys

@@ -35,7 +35,7 @@ def locate_files(manual_dir: str) -> CelebaPaths:
   """Finds the CelebA files in `manual_dir`: official layout, else Kaggle."""
   if not manual_dir or not os.path.isdir(manual_dir):
     raise UserError(f"CelebA folder '{manual_dir}' does not exist; {_HOW} and"
-                    ' set --config.data.manual_dir to it.')
+                    ' set config.data.manual_dir to it.')
   def first(*names):
     for name in names:
       path = os.path.join(manual_dir, name)

@@ -78,7 +78,7 @@ def _prepare_tfds(name):
         builder.download_and_prepare()
     except (download_manager.NonMatchingChecksumError, tfds.download.DownloadError, OSError) as e:
       hint = (' (for CelebA download the files by hand and use'
-              ' --config.data.dataset=celeba)' if name == 'celeb_a' else '')
+              ' config.data.dataset = celeba)' if name == 'celeb_a' else '')
       raise UserError(f'could not download TFDS {name}{hint}: {e}'.replace(
           '\n', ' ')) from e
     return builder
@@ -101,7 +101,7 @@ def _prepare_celeba(manual_dir, data_dir):
   """
   if not manual_dir:
     raise UserError(
-        'data.dataset=celeba needs --config.data.manual_dir=DIR, a folder with'
+        'config.data.dataset = celeba needs config.data.manual_dir, a folder with'
         ' img_align_celeba.zip, list_attr_celeba.txt and'
         ' list_eval_partition.txt (or `fdiff data synth-celeba DIR` for a'
         ' synthetic one).')
@@ -136,7 +136,7 @@ def dataset_spec(config) -> DatasetSpec:
   """The spec of `config.data.dataset`, or a UserError naming the valid ones."""
   name = config.data.dataset
   if name not in DATASETS:
-    raise UserError(f"unknown --config.data.dataset='{name}'; use one of"
+    raise UserError(f"unknown config.data.dataset '{name}'; use one of"
                     f" {', '.join(DATASETS)}.")
   return DATASETS[name]
 
@@ -150,7 +150,7 @@ def open_split(config, split: str) -> Split:
   except ValueError as e:
     raise UserError(
         f"cannot open split '{split}' of {config.data.dataset} (prepared in"
-        f' {builder.data_dir}): {e} Set --config.data.train_split /'
-        ' --config.data.eval_split to an existing split.'.replace('\n', ' ')
+        f' {builder.data_dir}): {e} Set config.data.train_split /'
+        ' config.data.eval_split to an existing split.'.replace('\n', ' ')
     ) from e
   return Split(data_source, spec.to_attributes)

@@ -136,7 +136,7 @@ def write_synthetic_celeba(out_dir: str, num: int, seed: int = 0,
   if layout not in ('official', 'kaggle'):
     raise UserError(f"unknown layout '{layout}'; use 'official' or 'kaggle'.")
   if num < 3:
-    raise UserError(f'--num {num} is too small; write at least 3 images (one'
+    raise UserError(f'num={num} is too small; write at least 3 images (one'
                     ' per split).')
   os.makedirs(out_dir, exist_ok=True)
   names = [f'{i:06d}.jpg' for i in range(1, num + 1)]

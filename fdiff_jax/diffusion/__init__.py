@@ -1,4 +1,4 @@
-"""Diffusion core: noise schedules, training loss, samplers and DDIM inversion (pure JAX)."""
+"""Diffusion core: noise schedules, training loss, solvers and DDIM inversion (pure JAX)."""
 
 from fdiff_jax.diffusion.losses import (
     PREDICTIONS,
@@ -9,7 +9,7 @@ from fdiff_jax.diffusion.losses import (
     q_sample,
     training_target,
 )
-from fdiff_jax.diffusion.samplers import (
+from fdiff_jax.diffusion.solvers import (
     SAMPLERS,
     ddim_invert,
     ddim_sample,

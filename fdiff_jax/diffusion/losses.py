@@ -1,57 +1,70 @@
 """Forward noising, prediction targets and the training loss with CFG condition dropout."""
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from fdiff_jax.diffusion.schedules import Schedule, per_example
-from fdiff_jax.errors import UserError
-
-PREDICTIONS = ('eps', 'v')
+from fdiff_jax.errors import lookup
 
 # model_fn(x_t [B,H,W,C], t int32 [B], attributes [B,A] or None) -> output [B,H,W,C].
 ModelFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
 
 
-def check_prediction(prediction: str) -> None:
-  """Raises a UserError unless `prediction` names a supported model output."""
-  if prediction not in PREDICTIONS:
-    raise UserError(
-        f'unknown prediction type {prediction!r}; use one of {", ".join(PREDICTIONS)}')
+class Prediction(NamedTuple):
+  """What a model output means. alpha, sigma are sqrt(ab_t), sqrt(1 - ab_t) per example."""
+
+  target: Callable[..., jax.Array]  # (alpha, sigma, x0, noise) -> the regression target
+  eps_and_x0: Callable[..., tuple[jax.Array, jax.Array]]  # (alpha, sigma, x_t, output)
+  snr_offset: float  # At fixed x_t, MSE on the target = (SNR + snr_offset) * MSE on x0.
+
+
+# Name -> Prediction; the names config.diffusion.prediction accepts.
+PREDICTIONS = {
+    'eps': Prediction(
+        target=lambda alpha, sigma, x0, noise: noise,
+        eps_and_x0=lambda alpha, sigma, x_t, out: (out, (x_t - sigma * out) / alpha),
+        snr_offset=0.0),
+    'v': Prediction(  # v = alpha eps - sigma x0 (Salimans & Ho 2022)
+        target=lambda alpha, sigma, x0, noise: alpha * noise - sigma * x0,
+        eps_and_x0=lambda alpha, sigma, x_t, out: (sigma * x_t + alpha * out,
+                                                   alpha * x_t - sigma * out),
+        snr_offset=1.0),
+}
+
+
+def _prediction(name: str) -> Prediction:
+  return lookup(PREDICTIONS, name, 'prediction type')
+
+
+def _alpha_sigma(schedule: Schedule, t: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
+  """sqrt(ab_t) and sqrt(1 - ab_t), shaped to broadcast over rank-ndim examples."""
+  return (per_example(schedule.sqrt_alpha_bars, t, ndim),
+          per_example(schedule.sqrt_one_minus_alpha_bars, t, ndim))
 
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
   """Samples x_t ~ q(x_t | x0) = N(sqrt(ab_t) x0, (1 - ab_t) I) with the given noise."""
-  return (per_example(schedule.sqrt_alpha_bars, t, x0.ndim) * x0
-          + per_example(schedule.sqrt_one_minus_alpha_bars, t, x0.ndim) * noise)
+  alpha, sigma = _alpha_sigma(schedule, t, x0.ndim)
+  return alpha * x0 + sigma * noise
 
 
 def training_target(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array,
                     prediction: str) -> jax.Array:
   """What the model regresses: the noise (eps) or v = sqrt(ab) eps - sqrt(1 - ab) x0."""
-  check_prediction(prediction)
-  if prediction == 'eps':
-    return noise
-  return (per_example(schedule.sqrt_alpha_bars, t, x0.ndim) * noise
-          - per_example(schedule.sqrt_one_minus_alpha_bars, t, x0.ndim) * x0)
+  return _prediction(prediction).target(*_alpha_sigma(schedule, t, x0.ndim), x0, noise)
 
 
 def predict_eps_and_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, output: jax.Array,
                        prediction: str) -> tuple[jax.Array, jax.Array]:
   """Converts a model output at (x_t, t) into its implied (eps, x0); t is [B] or scalar."""
-  check_prediction(prediction)
-  alpha = per_example(schedule.sqrt_alpha_bars, t, x_t.ndim)
-  sigma = per_example(schedule.sqrt_one_minus_alpha_bars, t, x_t.ndim)
-  if prediction == 'eps':
-    return output, (x_t - sigma * output) / alpha
-  return sigma * x_t + alpha * output, alpha * x_t - sigma * output
+  return _prediction(prediction).eps_and_x0(*_alpha_sigma(schedule, t, x_t.ndim), x_t, output)
 
 
 def min_snr_weight(snr: jax.Array, gamma: float, prediction: str) -> jax.Array:
   """Min-SNR-gamma loss weight (Hang et al. 2023): min(SNR, gamma) over SNR, or SNR + 1 for v."""
-  check_prediction(prediction)
-  return jnp.minimum(snr, gamma) / (snr if prediction == 'eps' else snr + 1.0)
+  return jnp.minimum(snr, gamma) / (snr + _prediction(prediction).snr_offset)
 
 
 def drop_condition(rng: jax.Array, attributes: Optional[jax.Array], p_uncond: float,

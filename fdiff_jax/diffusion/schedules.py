@@ -5,9 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdiff_jax.errors import UserError
-
-SCHEDULES = ('linear', 'cosine')
+from fdiff_jax.errors import UserError, lookup
 
 
 @flax.struct.dataclass
@@ -50,13 +48,16 @@ def cosine_betas(timesteps: int, max_beta: float = 0.999) -> np.ndarray:
   return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
 
 
+# Name -> betas(timesteps); the names config.diffusion.schedule accepts.
+SCHEDULES = {'linear': linear_betas, 'cosine': cosine_betas}
+
+
 def make_schedule(kind: str, timesteps: int = 1000) -> Schedule:
   """Builds a Schedule of the given kind, computed in float64 and stored in float32."""
-  if kind not in SCHEDULES:
-    raise UserError(f'unknown noise schedule {kind!r}; use one of {", ".join(SCHEDULES)}')
+  make_betas = lookup(SCHEDULES, kind, 'noise schedule')
   if timesteps < 2:
     raise UserError(f'diffusion timesteps must be at least 2, got {timesteps}')
-  betas = linear_betas(timesteps) if kind == 'linear' else cosine_betas(timesteps)
+  betas = make_betas(timesteps)
   alphas = 1.0 - betas
   alpha_bars = np.cumprod(alphas)
   alpha_bars_prev = np.append(1.0, alpha_bars[:-1])

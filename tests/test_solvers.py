@@ -1,4 +1,4 @@
-"""Samplers, guidance and inversion against models whose optimal outputs are analytic."""
+"""Solvers, guidance and inversion against models whose optimal outputs are analytic."""
 
 import functools
 

@@ -1,6 +1,6 @@
-"""Reverse-process samplers with classifier-free guidance, and DDIM inversion.
+"""Reverse-process solvers (DDPM, DDIM, DPM-Solver++) with CFG, and DDIM inversion.
 
-Every sampler runs its whole reverse loop as one `lax.scan`, so under `jax.jit` the model is
+Every solver runs its whole reverse loop as one `lax.scan`, so under `jax.jit` the model is
 traced once whatever the number of steps. DDIM, DPM-Solver++ and `ddim_invert` share one
 timestep grid (`sampling_timesteps`): `steps` evenly spaced timesteps starting at T-1, each
 step moving to the next grid point and the last one to the clean image (alpha_bar = 1).
@@ -15,9 +15,7 @@ from jax import lax
 
 from fdiff_jax.diffusion.losses import ModelFn, predict_eps_and_x0
 from fdiff_jax.diffusion.schedules import Schedule
-from fdiff_jax.errors import UserError
-
-SAMPLERS = ('ddpm', 'ddim', 'dpm++')
+from fdiff_jax.errors import UserError, lookup
 
 Guidance = Union[float, jax.Array]
 
@@ -76,10 +74,18 @@ def _grid_alpha_bars(schedule: Schedule, steps: int):
 
 
 def ddpm_sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
-                attributes: Optional[jax.Array], rng: jax.Array, *, guidance: Guidance = 1.0,
-                prediction: str = 'eps', clip_x0: bool = True) -> jax.Array:
-  """Ancestral sampling (Ho et al. 2020) from the posterior q(x_{t-1} | x_t, x0) over all T."""
+                attributes: Optional[jax.Array], rng: jax.Array, *, steps: int,
+                guidance: Guidance = 1.0, prediction: str = 'eps',
+                clip_x0: bool = True) -> jax.Array:
+  """Ancestral sampling (Ho et al. 2020) from the posterior q(x_{t-1} | x_t, x0) over all T.
+
+  `steps` must be T: it is taken so all solvers share one signature, and checked so a shorter
+  run is an error rather than silently all T steps.
+  """
   T = schedule.num_timesteps
+  if steps != T:
+    raise UserError(f"sampler 'ddpm' runs all {T} steps, got steps={steps}; set steps={T} "
+                    "or use 'ddim'/'dpm++'")
 
   def step(x, i):
     t = T - 1 - i
@@ -128,7 +134,7 @@ def dpmpp_2m_sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
   x' = (sigma' / sigma) x + alpha' (1 - e^-h) D, D = x0 + h / (2 h_prev) (x0 - x0_prev).
   The first step and the last one (into sigma = 0, where h is infinite) are first order
   (D = x0), so the last step returns the final x0 prediction. `rng` is unused: the solver is
-  deterministic; it is accepted so all samplers share one signature.
+  deterministic; it is accepted so all solvers share one signature.
   """
   del rng
 
@@ -175,19 +181,16 @@ def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0: jax.Array,
   return x
 
 
+# Name -> solver; the names config.sample.sampler accepts.
+SAMPLERS = {'ddpm': ddpm_sample, 'ddim': ddim_sample, 'dpm++': dpmpp_2m_sample}
+
+
 def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
            attributes: Optional[jax.Array], rng: jax.Array, *, sampler: str, steps: int,
            guidance: Guidance = 1.0, eta: float = 0.0, prediction: str = 'eps',
            clip_x0: bool = True) -> jax.Array:
-  """Runs the named sampler ('ddpm' needs steps == T; eta only affects 'ddim')."""
-  common = dict(guidance=guidance, prediction=prediction, clip_x0=clip_x0)
-  if sampler == 'ddpm':
-    if steps != schedule.num_timesteps:
-      raise UserError(f"sampler 'ddpm' runs all {schedule.num_timesteps} steps, got "
-                      f"steps={steps}; set steps={schedule.num_timesteps} or use 'ddim'/'dpm++'")
-    return ddpm_sample(model_fn, schedule, x_T, attributes, rng, **common)
-  if sampler == 'ddim':
-    return ddim_sample(model_fn, schedule, x_T, attributes, rng, steps=steps, eta=eta, **common)
-  if sampler == 'dpm++':
-    return dpmpp_2m_sample(model_fn, schedule, x_T, attributes, rng, steps=steps, **common)
-  raise UserError(f'unknown sampler {sampler!r}; use one of {", ".join(SAMPLERS)}')
+  """Runs the named solver ('ddpm' needs steps == T; eta only affects 'ddim')."""
+  solve = lookup(SAMPLERS, sampler, 'sampler')
+  noise = {'eta': eta} if solve is ddim_sample else {}
+  return solve(model_fn, schedule, x_T, attributes, rng, steps=steps, guidance=guidance,
+               prediction=prediction, clip_x0=clip_x0, **noise)
