@@ -42,7 +42,7 @@ def parse_workloads(text):
   names = tuple(w.strip() for w in text.split(',') if w.strip())
   bad = [w for w in names if w not in WORKLOADS]
   if bad or not names:
-    raise UserError(f"--what {text!r}: expected a comma-separated subset of {','.join(WORKLOADS)}")
+    raise UserError(f"workloads {text!r}: expected a comma-separated subset of {','.join(WORKLOADS)}")
   return names
 
 
@@ -192,7 +192,7 @@ def run(config, *, what=WORKLOADS, batch=None, sampler=None, steps=None, guidanc
         repeats=5, peak_tflops=None):
   """Benchmarks the workloads in `what`; returns a JSON-ready dict."""
   if repeats < 1:
-    raise UserError(f'--repeats must be at least 1, got {repeats}')
+    raise UserError(f'repeats must be at least 1, got {repeats}')
   batch = batch or config.train.batch_size
   sampler = sampler or config.sample.sampler
   steps = default_steps(config, sampler, steps)

@@ -225,7 +225,7 @@ def evaluate(workdirs, classifier_dir, *, num_samples=1000, sampler='dpm++', ste
              compute_fid=True, batch_size=256):
   """Evaluates every workdir at every guidance; writes report.json/.md/.png; returns the report."""
   if num_samples < 2:
-    raise UserError(f'--num-samples {num_samples}: need at least 2 for a covariance')
+    raise UserError(f'num_samples = {num_samples}: need at least 2 samples for a covariance')
   out_dir = out_dir or os.path.join(workdirs[0], 'eval')
   settings = Settings(num_samples=num_samples, sampler=sampler, steps=steps,
                       guidance=[float(w) for w in guidance], seed=seed, batch_size=batch_size)

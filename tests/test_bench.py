@@ -54,7 +54,7 @@ def test_sampler_settings_are_recorded(report):
 def test_bad_what_is_one_clear_error(capsys):
   assert cli.main(['bench', '--config', CONFIG, '--what', 'train,evaluate']) == 2
   err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1 and "--what 'train,evaluate'" in err and 'train,sample' in err
+  assert len(err.splitlines()) == 1 and "workloads 'train,evaluate'" in err and 'train,sample' in err
 
 
 def test_published_peaks_match_device_kinds():
