@@ -91,7 +91,9 @@ def validate(config):
   import jax.numpy as jnp
   from fdiff_jax import train_state
   from fdiff_jax.diffusion import losses, samplers, schedules
+  from fdiff_jax.models import kernels
   choices = {'diffusion.schedule': schedules.SCHEDULES, 'diffusion.prediction': losses.PREDICTIONS,
+             'model.kernels': kernels.CHOICES,
              'sample.sampler': samplers.SAMPLERS, 'train.lr_schedule': train_state.LR_SCHEDULES,
              'classifier.lr_schedule': train_state.LR_SCHEDULES}
   for key, valid in choices.items():
