@@ -35,6 +35,9 @@ def get_config():
   model.dropout = 0.1
   model.dtype = 'float32'      # compute dtype; 'bfloat16' on GPU/TPU
   model.param_dtype = 'float32'
+  # GroupNorm and attention (fdiff_jax/models/kernels.py): 'cpu' | 'xla', or
+  # 'auto' for 'cpu' on a CPU backend, else 'xla'. Same parameters either way.
+  model.kernels = 'auto'
 
   # Diffusion process and loss (fdiff_jax/diffusion).
   config.diffusion = diffusion = ml_collections.ConfigDict()

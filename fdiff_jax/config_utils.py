@@ -92,7 +92,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   import jax.numpy as jnp
   from fdiff_jax import train_state
   from fdiff_jax.diffusion import losses, schedules, solvers
+  from fdiff_jax.models import kernels
   choices = {'diffusion.schedule': schedules.SCHEDULES, 'diffusion.prediction': losses.PREDICTIONS,
+             'model.kernels': kernels.CHOICES,
              'sample.sampler': solvers.SAMPLERS, 'train.lr_schedule': train_state.LR_SCHEDULES,
              'classifier.lr_schedule': train_state.LR_SCHEDULES}
   for key, registry in choices.items():

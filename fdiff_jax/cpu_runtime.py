@@ -7,7 +7,7 @@ Both were measured with `fdiff bench` on a 2-core Xeon (README, Performance):
   reductions (softmax, GroupNorm) several times faster than XLA's. Keeping it
   for reductions and single matmuls only took the `celeba64_original` train
   step at batch 32 from 5.05 s (XLA's defaults) to 3.73 s (YNNPACK off), and
-  to 2.53 s with huge pages (below) and `models/unet.py`'s attention. The flag exists
+  to 2.53 s with huge pages (below) and `models/kernels.py`'s 'cpu' attention. The flag exists
   only in recent jaxlib and XLA aborts on unknown flags, so it is added only
   for the jaxlib versions it was measured on.
 - XLA allocates its temporary buffer (2.8 GB for that step) afresh for every

@@ -15,9 +15,9 @@ taken here:
   * compilation caching: the jitted programs live on the Sampler (and are shared by
     `with_params`), keyed by jax.jit on the options and input shapes.
 
-Deterministic solvers (DDIM with eta 0, DPM-Solver++) give an image the same bits
-at the same batch size; other batch sizes agree to float rounding (~1e-5), as
-XLA's kernels depend on shapes.
+Deterministic solvers (DDIM with eta 0, DPM-Solver++) then give the same image
+for the same seed and attributes in any call, to float rounding (~1e-5): XLA's
+kernels may round differently by batch shape and position in the batch.
 """
 import copy
 import dataclasses

@@ -168,7 +168,7 @@ def test_inversion_with_nothing_set_reconstructs_the_photo(sampler, face):
   def error(steps):
     reconstruction, edited = generate.edit(sampler, image, source, source, method='inversion',
                                            steps=steps, guidance=1.0)
-    np.testing.assert_array_equal(reconstruction, edited)  # Nothing set: the edit is the same.
+    np.testing.assert_allclose(reconstruction, edited, atol=1e-5)  # Nothing set: the same.
     return np.abs(reconstruction - image).mean()
 
   # DDIM inversion evaluates eps one grid point early, so the round trip is exact only

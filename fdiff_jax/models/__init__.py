@@ -2,16 +2,21 @@
 import jax
 import jax.numpy as jnp
 
+from fdiff_jax.models import kernels
 from fdiff_jax.models.unet import PRESETS, UNet, count_params
 
 
-def build_model(model_config, num_attributes):
-  """The U-Net for `config.model`; `num_attributes` comes from the dataset."""
+def build_model(model_config, num_attributes: int) -> UNet:
+  """The U-Net for `config.model`; `num_attributes` comes from the dataset.
+
+  `model.kernels` is resolved here, once (a saved config without it means 'auto').
+  """
   m = model_config
   return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
               attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
               dropout=m.dropout, num_attributes=num_attributes if m.conditional else 0,
-              dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
+              dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+              kernels=kernels.resolve(m.get('kernels', 'auto')))
 
 
 def init_params(model, rng, image_shape, batch=1, out_sharding=None):

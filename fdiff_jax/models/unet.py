@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdiff_jax.models import kernels
+
 # Architecture presets; configs apply them with `config.model.update(...)`.
 PRESETS = {
     # The original face-diffusion project's U-Net (64x64, ~1.38M parameters).
@@ -53,41 +55,9 @@ class AttributeEmbedding(nn.Module):
     return jax.nn.relu(a) @ present + jax.nn.relu(-a) @ absent
 
 
-class GroupNorm(nn.Module):
-  """`nn.GroupNorm`'s math and parameters, with its sums taken per channel first.
-
-  Statistics in float32, Var = E[x^2] - E[x]^2 clipped at 0, epsilon 1e-6 and
-  parameters `scale` and `bias`, as flax's (`tests/test_unet.py` compares
-  the two). The sums run over the pixels per channel, then over each group's
-  channels: XLA:CPU took 3-4x longer for flax's one-step sum over pixels and
-  a group's channels once groups have two or more (`fdiff bench`, README).
-  """
-  num_groups: int
-  dtype: Any = jnp.float32
-  epsilon: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    pixels = tuple(range(1, x.ndim - 1))
-    x32 = x.astype(jnp.float32)
-
-    def group_mean(channel_mean):  # [B, C] -> each group's mean, repeated to [B, 1.., C]
-      g = channel_mean.reshape(-1, self.num_groups, c // self.num_groups).mean(-1)
-      return jnp.repeat(g, c // self.num_groups, axis=-1).reshape(
-          (x.shape[0],) + (1,) * len(pixels) + (c,))
-
-    mean = group_mean(x32.mean(pixels))
-    var = jnp.maximum(group_mean(jnp.square(x32).mean(pixels)) - jnp.square(mean), 0.0)
-    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-    return y.astype(self.dtype)
-
-
-def group_norm(channels, dtype):
+def group_norm(channels: int, dtype: Any, variant: str) -> nn.Module:
   """GroupNorm with 32 groups, or the largest power of two dividing `channels`."""
-  return GroupNorm(num_groups=math.gcd(32, channels), dtype=dtype)
+  return kernels.group_norm(variant, math.gcd(32, channels), dtype)
 
 
 class ResBlock(nn.Module):
@@ -96,17 +66,18 @@ class ResBlock(nn.Module):
   dropout: float
   dtype: Any
   param_dtype: Any
+  kernels: str
 
   @nn.compact
   def __call__(self, x, cond, train):
     conv = lambda ch, k, **kw: nn.Conv(ch, (k, k), dtype=self.dtype,
                                        param_dtype=self.param_dtype, **kw)
-    h = nn.silu(group_norm(x.shape[-1], self.dtype)(x))
+    h = nn.silu(group_norm(x.shape[-1], self.dtype, self.kernels)(x))
     h = conv(self.out_ch, 3)(h)
     scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype,
                            param_dtype=self.param_dtype)(nn.silu(cond))
     scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
-    h = group_norm(self.out_ch, self.dtype)(h) * (1 + scale) + shift
+    h = group_norm(self.out_ch, self.dtype, self.kernels)(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     h = conv(self.out_ch, 3, kernel_init=nn.initializers.zeros)(h)
     if x.shape[-1] != self.out_ch:
@@ -114,60 +85,21 @@ class ResBlock(nn.Module):
     return x + h
 
 
-# On CPU, attention runs over pieces of the batch whose [L, L] maps fit in cache.
-CPU_ATTENTION_PIECE_BYTES = 16 * 2**20
-
-
-def attention(q, k, v):
-  """Softmax attention over [B, L, heads, d], as two 3-D matmuls over [B * heads, L, d].
-
-  The same math as `jax.nn.dot_product_attention`, arranged for XLA:CPU, where
-  passes over the [L, L] maps cost more than the matmuls (`fdiff bench`
-  figures in the README): heads are folded into the batch; the softmax is
-  normalised after the second matmul, on [L, d] instead of [L, L]; and on CPU
-  the folded batch runs in pieces of about 16 MB of maps, one after another
-  (chained by optimization barriers, or XLA interleaves them), so each
-  piece's maps stay in cache. The row maximum subtracted before exp cancels
-  exactly, so its gradient is stopped.
-  """
-  b, length, heads, d = q.shape
-  fold = lambda x: x.transpose(0, 2, 1, 3).reshape(b * heads, length, d)
-  q, k, v = fold(q) * d ** -0.5, fold(k), fold(v)
-  piece = b * heads
-  if jax.default_backend() == 'cpu':
-    piece = max(1, CPU_ATTENTION_PIECE_BYTES // (4 * length * length))
-  outputs = []
-  for start in range(0, b * heads, piece):
-    part = [x[start:start + piece] for x in (q, k, v)]
-    if outputs:  # This piece starts when the previous one is done.
-      outputs[-1], *part = jax.lax.optimization_barrier((outputs[-1], *part))
-    outputs.append(_attention(*part))
-  y = jnp.concatenate(outputs) if len(outputs) > 1 else outputs[0]
-  return y.reshape(b, heads, length, d).transpose(0, 2, 1, 3)
-
-
-def _attention(q, k, v):
-  """softmax(q k^T) v over [n, L, d], normalised after the second matmul."""
-  logits = jnp.einsum('nqd,nkd->nqk', q, k).astype(jnp.float32)
-  weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-  y = jnp.einsum('nqk,nkd->nqd', weights.astype(v.dtype), v)
-  return y / weights.sum(axis=-1, keepdims=True).astype(y.dtype)
-
-
 class AttentionBlock(nn.Module):
   """Multi-head self-attention over all pixels, with a residual connection."""
   num_heads: int
   dtype: Any
   param_dtype: Any
+  kernels: str
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     head_dim = c // self.num_heads
-    y = group_norm(c, self.dtype)(x).reshape(b, h * w, c)
+    y = group_norm(c, self.dtype, self.kernels)(x).reshape(b, h * w, c)
     qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype,
                           param_dtype=self.param_dtype)(y)
-    y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    y = kernels.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.kernels)
     y = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=nn.initializers.zeros,
                         dtype=self.dtype, param_dtype=self.param_dtype)(y)
     return x + y.reshape(b, h, w, c)
@@ -178,6 +110,8 @@ class UNet(nn.Module):
 
   `num_attributes=0` builds an unconditional model with no attribute input.
   For a conditional model, `attributes=None` is the same as all zeros.
+  `kernels` picks the GroupNorm and attention variant ('cpu' or 'xla',
+  `models/kernels.py`); both have the same parameters and outputs.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 4)
@@ -188,10 +122,12 @@ class UNet(nn.Module):
   num_attributes: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  kernels: str = 'xla'
 
   @nn.compact
   def __call__(self, x, t, attributes=None, train=False):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    blocks = dict(kw, kernels=self.kernels)
     emb_dim = 4 * self.ch
     cond = timestep_embedding(t, self.ch)
     cond = nn.Dense(emb_dim, **kw)(cond)
@@ -205,8 +141,8 @@ class UNet(nn.Module):
     elif attributes is not None and attributes.shape[-1]:
       raise ValueError('this UNet is unconditional (num_attributes=0) but got attributes')
 
-    res_block = lambda ch: ResBlock(ch, self.dropout, **kw)
-    attn_block = lambda: AttentionBlock(self.num_heads, **kw)
+    res_block = lambda ch: ResBlock(ch, self.dropout, **blocks)
+    attn_block = lambda: AttentionBlock(self.num_heads, **blocks)
 
     h = nn.Conv(self.ch, (3, 3), **kw)(x.astype(self.dtype))
     skips = [h]
@@ -234,7 +170,7 @@ class UNet(nn.Module):
         h = jnp.broadcast_to(h[:, :, None, :, None, :], (b, height, 2, width, 2, c))
         h = nn.Conv(c, (3, 3), **kw)(h.reshape(b, 2 * height, 2 * width, c))
 
-    h = nn.silu(group_norm(h.shape[-1], self.dtype)(h))
+    h = nn.silu(group_norm(h.shape[-1], self.dtype, self.kernels)(h))
     out = nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, **kw)(h)
     return out.astype(jnp.float32)
 
