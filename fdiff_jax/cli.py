@@ -32,7 +32,7 @@ def cmd_train(args, unknown):
   from fdiff_jax import parallel, train
   parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                   args.local_device_ids)
-  train.train_and_evaluate(config, args.workdir)
+  train.train_diffusion(config, args.workdir)
 
 
 def cmd_synth_celeba(args, unknown):
@@ -64,7 +64,8 @@ def cmd_train_classifier(args, unknown):
   config = config_utils.load_config(args.config, _config_overrides(unknown))
   from fdiff_jax import classifier
   result = classifier.train_classifier(config, args.workdir)
-  print(classifier.format_accuracy(result))
+  if result is not None:  # None: stopped by SIGTERM before the end.
+    print(classifier.format_accuracy(result))
 
 
 def cmd_evaluate(args, unknown):
@@ -101,7 +102,8 @@ def _load(args):
   from fdiff_jax import checkpoints
   if not (args.out or args.out_dir or getattr(args, 'gif', None)):
     raise UserError('nothing would be written; give --out FILE.png and/or --out-dir DIR')
-  return checkpoints.load_model(args.workdir, args.checkpoint_step)[:3]
+  loaded = checkpoints.load_model(args.workdir, args.checkpoint_step)
+  return loaded.config, loaded.model, loaded.params
 
 
 def _write(rows, prefix, out, out_dir, scale):
