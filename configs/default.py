@@ -76,7 +76,8 @@ def get_config():
                          'Eyeglasses', 'Blond_Hair,-Male', 'Black_Hair,Male,Mustache')
 
   # Attribute classifier for `fdiff evaluate` (fdiff_jax/classifier.py): a small
-  # ResNet on the same pipeline. Optimizer fields mean what they do in `train`.
+  # ResNet on the same pipeline. Optimizer, logging and checkpoint fields mean
+  # what they do in `train`.
   config.classifier = classifier = ml_collections.ConfigDict()
   classifier.width = 32             # channels of the first stage, doubled per stage
   classifier.stages = 3             # residual stages; each after the first halves H, W
@@ -90,4 +91,5 @@ def get_config():
   classifier.grad_clip = 1.0
   classifier.log_every = 100
   classifier.checkpoint_every = 1000
+  classifier.keep_checkpoints = 2
   return config

@@ -3,18 +3,22 @@
 A workdir is self-describing: `config.json` sits next to `checkpoints/`, so
 later commands need only `--workdir`.
 """
+import dataclasses
+import functools
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
 from fdiff_jax import config_utils, images
 from fdiff_jax.data import pipeline
 from fdiff_jax.errors import UserError
-from fdiff_jax.models import build_model
-from fdiff_jax.train_state import create_train_state, make_optimizer
+from fdiff_jax.models import UNet, build_model
+from fdiff_jax.train_state import initial_state, make_optimizer
 
 CONFIG_FILE = 'config.json'
 
@@ -49,8 +53,8 @@ def save(manager, step, state):
   manager.save(step, args=ocp.args.StandardSave(state))
 
 
-def restore(manager, abstract_state, step=None):
-  """Restores `abstract_state`'s structure (with its shardings) at `step` (default latest)."""
+def restore(manager: ocp.CheckpointManager, abstract: Any, step: int | None = None) -> Any:
+  """Restores `abstract`'s structure (with its shardings) at `step` (default latest)."""
   step = manager.latest_step() if step is None else step
   if step is None:
     raise UserError(f'no checkpoint in {manager.directory}; train first or check --workdir')
@@ -58,36 +62,46 @@ def restore(manager, abstract_state, step=None):
     raise UserError(f'no checkpoint at step {step} in {manager.directory}; '
                     f'available: {sorted(manager.all_steps())}')
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except (ValueError, KeyError, OSError, TypeError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f'checkpoint {step} in {manager.directory} cannot be restored '
                     f'({first_line}); delete it to fall back to an earlier one') from None
 
 
-def abstract_like(tree, sharding):
-  """ShapeDtypeStructs of `tree` placed with `sharding`, for restoring."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_state(init_fn: Callable[[], Any], sharding: jax.sharding.Sharding) -> Any:
+  """What `init_fn()` would return, as ShapeDtypeStructs placed with `sharding`.
+
+  The one description of a state's structure: restores fill it in, and a
+  fresh start computes `init_fn` itself with the same sharding.
+  """
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      jax.eval_shape(init_fn))
 
 
-def abstract_train_state(config, model):
-  """Shapes and dtypes of the TrainState that `config` trains, without computing it."""
-  tx = make_optimizer(config.train)
-  h, w, c = pipeline.image_shape(config)
-  a = jnp.zeros((1, model.num_attributes)) if model.num_attributes else None
-  init = lambda: create_train_state(
-      model.init(jax.random.key(0), jnp.zeros((1, h, w, c)), jnp.zeros((1,), jnp.int32), a)['params'], tx)
-  return jax.eval_shape(init)
-
-
-def load_model(workdir, step=None):
-  """(config, model, EMA params, step) of a trained workdir, for sampling and evaluation."""
-  config = load_config(workdir)
-  model = build_model(config.model, len(pipeline.attribute_names(config)))
+def load_state(workdir: str, init_fn: Callable[[], Any], step: int | None = None) -> Any:
+  """The `init_fn()`-shaped state saved in `workdir` at `step` (default latest), on one device."""
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   manager = checkpoint_manager(workdir)
   try:
-    state = restore(manager, abstract_like(abstract_train_state(config, model), sharding), step)
+    return restore(manager, abstract_state(init_fn, sharding), step)
   finally:
     manager.close()
-  return config, model, state.ema_params, int(state.step)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A trained diffusion workdir, ready for sampling and evaluation."""
+  config: ml_collections.ConfigDict
+  model: UNet
+  params: Any   # The EMA parameters.
+  step: int
+
+
+def load_model(workdir: str, step: int | None = None) -> LoadedModel:
+  """The config, model and EMA parameters of a trained workdir (latest checkpoint unless `step`)."""
+  config = load_config(workdir)
+  model = build_model(config.model, len(pipeline.attribute_names(config)))
+  init_fn = functools.partial(initial_state, config, model, make_optimizer(config.train))
+  state = load_state(workdir, init_fn, step)
+  return LoadedModel(config, model, state.ema_params, int(state.step))

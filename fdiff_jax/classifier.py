@@ -16,12 +16,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
+from jax.sharding import Mesh
 
-from fdiff_jax import checkpoints, parallel
+from fdiff_jax import checkpoints, loop, parallel
 from fdiff_jax.batching import map_batches
 from fdiff_jax.data import pipeline
 from fdiff_jax.data.attributes import DIGIT_ATTRIBUTES
@@ -123,57 +124,48 @@ def _train_step(state, batch, *, model, tx, one_hot):
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  return ClassifierState(state.step + 1, params, opt_state), loss
+  return ClassifierState(state.step + 1, params, opt_state), {'loss': loss}
 
 
-def initial_state(config, model, tx):
-  """Step 0: parameters from the config's seed and a fresh optimizer state."""
-  params = model.init(jax.random.key(config.seed), jnp.zeros((1,) + pipeline.image_shape(config)))['params']
+def initial_state(config: ml_collections.ConfigDict, model: AttributeClassifier,
+                  tx: optax.GradientTransformation) -> ClassifierState:
+  """Step 0: parameters from the config's seed and a fresh optimizer state; traceable."""
+  x = jnp.zeros((1,) + pipeline.image_shape(config))
+  params = model.init(jax.random.key(config.seed), x)['params']
   return ClassifierState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
-def train_classifier(config, workdir, mesh=None):
+def train_classifier(config: ml_collections.ConfigDict, workdir: str,
+                     mesh: Mesh | None = None) -> dict | None:
   """Trains (or resumes) the classifier in `workdir`; returns the validation accuracies.
 
   The workdir looks like a diffusion one: config.json and orbax checkpoints;
-  validation accuracies go to validation.json.
+  validation accuracies go to validation.json. Stopped by SIGTERM before
+  `config.classifier.num_steps`, it returns None and validates nothing.
   """
   mesh = parallel.create_mesh() if mesh is None else mesh
   c = config.classifier
   parallel.check_global_batch(c.batch_size, mesh)
   model, tx, one_hot = build_classifier(config), make_optimizer(c), is_one_hot(config)
-  state = jax.jit(functools.partial(initial_state, config, model, tx),
-                  out_shardings=parallel.replicated(mesh))()
-  manager = checkpoints.checkpoint_manager(workdir, max_to_keep=2)
-  if manager.latest_step() is not None:
-    state = checkpoints.restore(manager, checkpoints.abstract_like(state, parallel.replicated(mesh)))
-  if parallel.is_main_process():
-    checkpoints.save_config(workdir, config)
-  writer = metric_writers.create_default_writer(workdir, just_logging=not parallel.is_main_process())
   data_config = config.copy_and_resolve_references()
   data_config.train.batch_size = c.batch_size
-  batches = pipeline.create_train_iterator(data_config, start_step=int(state.step))
   step_fn = jax.jit(functools.partial(_train_step, model=model, tx=tx, one_hot=one_hot),
                     in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                     out_shardings=parallel.replicated(mesh), donate_argnums=0)
-  losses = []
-  for step in range(int(state.step) + 1, c.num_steps + 1):
-    state, loss = step_fn(state, parallel.global_batch(next(batches), mesh))
-    losses.append(loss)
-    if step % c.log_every == 0 or step == c.num_steps:
-      writer.write_scalars(step, {'loss': float(np.mean(jax.device_get(losses)))})
-      losses = []
-    if step % c.checkpoint_every == 0 or step == c.num_steps:
-      checkpoints.save(manager, step, state)
-  manager.wait_until_finished()
-  manager.close()
-  classifier = Classifier(workdir, config, model, jax.device_get(state.params), int(state.step))
+  writer = loop.create_writer(workdir)
+  state, _ = loop.run(
+      config, 'classifier', workdir, functools.partial(initial_state, config, model, tx), step_fn,
+      lambda start: pipeline.create_train_iterator(data_config, start_step=start), mesh, writer)
+  step = int(state.step)
+  if step < c.num_steps:
+    return None
+  classifier = Classifier(workdir, config, model, jax.device_get(state.params), step)
   predicted, targets, _ = classifier.run_on_split(config)
   mean, per_attribute = accuracy(predicted, targets, scored(targets, one_hot),
                                  pipeline.attribute_names(config))
-  result = {'step': int(state.step), 'split': config.data.eval_split, 'examples': len(targets),
+  result = {'step': step, 'split': config.data.eval_split, 'examples': len(targets),
             'accuracy': mean, 'per_attribute': per_attribute}
-  writer.write_scalars(int(state.step), {'val_accuracy': mean})
+  writer.write_scalars(step, {'val_accuracy': mean})
   writer.flush()
   if parallel.is_main_process():
     with open(os.path.join(workdir, VALIDATION_FILE), 'w') as f:
@@ -252,13 +244,8 @@ def load_classifier(classifier_dir, step=None):
     raise UserError(f'{classifier_dir!r} holds no classifier config; train one with '
                     '`fdiff train-classifier --config ... --workdir ...`')
   model, tx = build_classifier(config), make_optimizer(config.classifier)
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.eval_shape(functools.partial(initial_state, config, model, tx))
-  manager = checkpoints.checkpoint_manager(classifier_dir)
-  try:
-    state = checkpoints.restore(manager, checkpoints.abstract_like(abstract, sharding), step)
-  finally:
-    manager.close()
+  init_fn = functools.partial(initial_state, config, model, tx)
+  state = checkpoints.load_state(classifier_dir, init_fn, step)
   return Classifier(classifier_dir, config, model, state.params, int(state.step))
 
 

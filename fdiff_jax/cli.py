@@ -32,7 +32,7 @@ def cmd_train(args, overrides):
   from fdiff_jax import parallel, train
   parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                   args.local_device_ids)
-  train.train_and_evaluate(config, args.workdir)
+  train.train_diffusion(config, args.workdir)
 
 
 def cmd_synth_celeba(args):
@@ -59,7 +59,8 @@ def cmd_train_classifier(args, overrides):
   config = config_utils.load_config(args.config, overrides)
   from fdiff_jax import classifier
   result = classifier.train_classifier(config, args.workdir)
-  print(classifier.format_accuracy(result))
+  if result is not None:  # None: stopped by SIGTERM before the end.
+    print(classifier.format_accuracy(result))
 
 
 def cmd_evaluate(args):
@@ -96,8 +97,8 @@ def _sampler(args):
   from fdiff_jax import checkpoints, sampler
   if not (args.out or args.out_dir or getattr(args, 'gif', None)):
     raise UserError('nothing would be written; give --out FILE.png and/or --out-dir DIR')
-  config, model, params, _ = checkpoints.load_model(args.workdir, args.checkpoint_step)
-  return sampler.Sampler(config, model, params, batch_size=args.batch_size,
+  loaded = checkpoints.load_model(args.workdir, args.checkpoint_step)
+  return sampler.Sampler(loaded.config, loaded.model, loaded.params, batch_size=args.batch_size,
                          progress=sampler.print_progress)
 
 

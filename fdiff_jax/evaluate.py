@@ -203,7 +203,8 @@ def resolve_inception(weights, compute_fid):
 
 def prepare_run(workdir, clf, settings):
   """Loads a workdir, its cached real-data references and its conditioning vectors."""
-  config, model, params, step = checkpoints.load_model(workdir)
+  loaded = checkpoints.load_model(workdir)
+  config, model, params, step = loaded.config, loaded.model, loaded.params, loaded.step
   names = tuple(pipeline.attribute_names(config))
   if names != clf.attribute_names:
     raise UserError(f'{workdir} is a {config.data.dataset} model but the classifier was trained on '

@@ -4,9 +4,12 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
+from fdiff_jax.data import pipeline
 from fdiff_jax.errors import lookup
+from fdiff_jax.models import UNet, initial_params
 
 
 @flax.struct.dataclass
@@ -52,6 +55,13 @@ def ema_decay(train_config, step):
   return decay
 
 
-def create_train_state(params, tx):
+def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+
+
+def initial_state(config: ml_collections.ConfigDict, model: UNet,
+                  tx: optax.GradientTransformation) -> TrainState:
+  """Step 0's TrainState from the config's seed; traceable, so `jax.eval_shape` gives its shapes."""
+  params = initial_params(model, jax.random.key(config.seed), pipeline.image_shape(config))
+  return create_train_state(params, tx)

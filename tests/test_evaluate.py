@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
     config = test_config.get_config()
     config.data.manual_dir, config.data.data_dir = str(root / 'files'), str(root / 'tfds')
     config.model.conditional = conditional
-    train.train_and_evaluate(config, str(root / name))
+    train.train_diffusion(config, str(root / name))
   assert cli.main(['train-classifier', '--config', 'configs/test.py', '--workdir', str(root / 'clf'),
                    '--config.classifier.width=8', '--config.classifier.num_steps=40', *data]) == 0
   weights = str(root / 'inception.npz')

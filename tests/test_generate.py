@@ -29,14 +29,14 @@ def workdir(tmp_path_factory):
   config.data.manual_dir, config.data.data_dir = str(root / 'files'), str(root / 'tfds')
   config.train.update(num_steps=300, learning_rate=2e-3, log_every=100, checkpoint_every=300,
                       sample_every=300)
-  train.train_and_evaluate(config, str(root / 'workdir'))
+  train.train_diffusion(config, str(root / 'workdir'))
   return str(root / 'workdir')
 
 
 @pytest.fixture(scope='module')
 def sampler(workdir):
-  config, model, params, _ = checkpoints.load_model(workdir)
-  return sampler_lib.Sampler(config, model, params)
+  trained = checkpoints.load_model(workdir)
+  return sampler_lib.Sampler(trained.config, trained.model, trained.params)
 
 
 @pytest.fixture(scope='module')

@@ -9,6 +9,7 @@ is bounded by a timeout and killed if it overruns. The module's tests share one
 xdist worker (pyproject sets `--dist loadscope`), so the fixture runs once.
 """
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from fdiff_jax.data import pipeline
 from fdiff_jax.data.synth_celeba import write_synthetic_celeba
 from fdiff_jax.errors import UserError
 from fdiff_jax.models import build_model
+from fdiff_jax.train_state import initial_state, make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 30  # Room for the SIGTERM and SIGKILL phases to stop well before the end.
@@ -136,13 +138,8 @@ def restore_state(workdir, step):
   """The TrainState saved at `step`, restored onto one device."""
   config = checkpoints.load_config(workdir)
   model = build_model(config.model, len(pipeline.attribute_names(config)))
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  manager = checkpoints.checkpoint_manager(workdir)
-  try:
-    abstract = checkpoints.abstract_like(checkpoints.abstract_train_state(config, model), sharding)
-    return jax.device_get(checkpoints.restore(manager, abstract, step))
-  finally:
-    manager.close()
+  init_fn = functools.partial(initial_state, config, model, make_optimizer(config.train))
+  return jax.device_get(checkpoints.load_state(workdir, init_fn, step))
 
 
 def logged_losses(workdir):

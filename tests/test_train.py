@@ -1,4 +1,5 @@
 """The real training loop on a tiny synthetic CelebA through the real TFDS builder."""
+import functools
 import json
 import os
 import signal
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from fdiff_jax import checkpoints, cli, config_utils, diffusion, parallel, train
+from fdiff_jax import checkpoints, cli, config_utils, diffusion, loop, parallel, train
 from fdiff_jax.data import pipeline
 from fdiff_jax.data.synth_celeba import write_synthetic_celeba
 from fdiff_jax.models import build_model
-from fdiff_jax.train_state import ema_decay, learning_rate_schedule, make_optimizer
+from fdiff_jax.train_state import ema_decay, initial_state, learning_rate_schedule, make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,21 +37,17 @@ def make_config(celeba_dirs, **train_overrides):
 
 
 def final_params(workdir, config):
-  """EMA-free parameters of the latest checkpoint, as numpy."""
-  mesh = parallel.create_mesh(jax.devices()[:1])
+  """Step, parameters and EMA parameters of the latest checkpoint, as numpy."""
   model = build_model(config.model, len(pipeline.attribute_names(config)))
-  tx = make_optimizer(config.train)
-  state = train.init_state(config, model, tx, mesh)
-  manager = checkpoints.checkpoint_manager(workdir)
-  restored = checkpoints.restore(manager, checkpoints.abstract_like(state, parallel.replicated(mesh)))
-  manager.close()
+  init_fn = functools.partial(initial_state, config, model, make_optimizer(config.train))
+  restored = checkpoints.load_state(workdir, init_fn)
   return int(restored.step), jax.device_get(restored.params), jax.device_get(restored.ema_params)
 
 
 @pytest.fixture(scope='module')
 def straight_run(celeba_dirs, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('straight'))
-  history = train.train_and_evaluate(make_config(celeba_dirs), workdir)
+  history = train.train_diffusion(make_config(celeba_dirs), workdir)
   return workdir, history
 
 
@@ -71,8 +68,9 @@ def test_training_writes_checkpoints_config_and_sample_grid(straight_run, celeba
 def test_sampling_uses_the_ema_parameters(straight_run, celeba_dirs):
   workdir, _ = straight_run
   step, params, ema = final_params(workdir, make_config(celeba_dirs))
-  loaded = checkpoints.load_model(workdir)[2]
-  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ema)):
+  loaded = checkpoints.load_model(workdir)
+  assert loaded.step == 6
+  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(ema)):
     np.testing.assert_array_equal(a, b)
   assert step == 6 and any(np.abs(p - e).max() > 0
                            for p, e in zip(jax.tree.leaves(params), jax.tree.leaves(ema)))
@@ -97,7 +95,7 @@ def test_learning_rate_warms_up_then_decays_and_ema_decay_warms_up():
 def test_bfloat16_compute_trains_with_float32_parameters(celeba_dirs, tmp_path):
   config = make_config(celeba_dirs, num_steps=2, checkpoint_every=2, sample_every=2)
   config.model.dtype = 'bfloat16'
-  history = train.train_and_evaluate(config, str(tmp_path))
+  history = train.train_diffusion(config, str(tmp_path))
   assert all(np.isfinite(h['loss']) for h in history)
   _, params, ema = final_params(str(tmp_path), config)
   assert {leaf.dtype for leaf in jax.tree.leaves((params, ema))} == {np.dtype(np.float32)}
@@ -106,8 +104,8 @@ def test_bfloat16_compute_trains_with_float32_parameters(celeba_dirs, tmp_path):
 def test_exact_resume_is_bitwise_identical(straight_run, celeba_dirs, tmp_path):
   workdir, history = straight_run
   resumed = str(tmp_path / 'resumed')
-  first = train.train_and_evaluate(make_config(celeba_dirs, num_steps=3), resumed)
-  second = train.train_and_evaluate(make_config(celeba_dirs, num_steps=6), resumed)
+  first = train.train_diffusion(make_config(celeba_dirs, num_steps=3), resumed)
+  second = train.train_diffusion(make_config(celeba_dirs, num_steps=6), resumed)
   assert [h['loss'] for h in first + second] == [h['loss'] for h in history]
   config = make_config(celeba_dirs)
   step_a, params_a, ema_a = final_params(workdir, config)
@@ -138,8 +136,8 @@ def test_loss_decreases_on_a_repeated_batch(celeba_dirs):
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(celeba_dirs, tmp_path):
   config = make_config(celeba_dirs, learning_rate=1e30, warmup_steps=1, grad_clip=1e30,
                        checkpoint_every=1, num_steps=8)
-  with pytest.raises(train.TrainingDiverged, match='last good checkpoint'):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(loop.TrainingDiverged, match='last good checkpoint'):
+    train.train_diffusion(config, str(tmp_path))
   manager = checkpoints.checkpoint_manager(str(tmp_path))
   steps = manager.all_steps()
   manager.close()
@@ -253,11 +251,11 @@ DEVICES_SCRIPT = textwrap.dedent('''
     losses = {}
     for n in (1, 2, 4):
       mesh = parallel.create_mesh(jax.devices()[:n])
-      history = train.train_and_evaluate(config, f'{sys.argv[3]}/{n}', mesh=mesh)
+      history = train.train_diffusion(config, f'{sys.argv[3]}/{n}', mesh=mesh)
       losses[n] = [h['loss'] for h in history]
     config.train.batch_size = 6
     try:
-      train.train_and_evaluate(config, sys.argv[3] + '/bad', mesh=parallel.create_mesh())
+      train.train_diffusion(config, sys.argv[3] + '/bad', mesh=parallel.create_mesh())
       error = None
     except UserError as e:
       error = str(e)
@@ -310,6 +308,6 @@ def test_cloud_workdirs_keep_their_url():
 def test_a_process_other_than_0_writes_only_checkpoints(celeba_dirs, tmp_path, monkeypatch):
   """Multi-host: logs, sample grids and the config come from process 0 alone."""
   monkeypatch.setattr(parallel, 'is_main_process', lambda: False)
-  train.train_and_evaluate(make_config(celeba_dirs, num_steps=2, checkpoint_every=2,
+  train.train_diffusion(make_config(celeba_dirs, num_steps=2, checkpoint_every=2,
                                        sample_every=2), str(tmp_path))
   assert os.listdir(tmp_path) == ['checkpoints']

@@ -1,4 +1,7 @@
 """Model construction from a config."""
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -19,19 +22,29 @@ def build_model(model_config, num_attributes: int) -> UNet:
               kernels=kernels.resolve(m.get('kernels', 'auto')))
 
 
-def init_params(model, rng, image_shape, batch=1, out_sharding=None):
-  """Initial parameters of `model` for images of `image_shape` (H, W, C).
+def initial_params(model: UNet, rng: jax.Array, image_shape: Sequence[int], batch: int = 1) -> Any:
+  """Initial parameters of `model` for images of `image_shape` (H, W, C); traceable."""
+  x = jnp.zeros((batch,) + tuple(image_shape), jnp.float32)
+  a = jnp.zeros((batch, model.num_attributes), jnp.float32) if model.num_attributes else None
+  return model.init(rng, x, jnp.zeros((batch,), jnp.int32), a)['params']
+
+
+def init_once(init_fn: Callable[[], Any], out_sharding: jax.sharding.Sharding | None = None) -> Any:
+  """`init_fn()` computed once, placed with `out_sharding`.
 
   Compiled without backend optimisation: it runs once, and XLA otherwise
   spends several seconds optimising the initialisers' random number code.
   """
-  def init():
-    x = jnp.zeros((batch,) + tuple(image_shape), jnp.float32)
-    a = jnp.zeros((batch, model.num_attributes), jnp.float32) if model.num_attributes else None
-    return model.init(rng, x, jnp.zeros((batch,), jnp.int32), a)['params']
-  compiled = jax.jit(init, out_shardings=out_sharding).lower().compile(
+  compiled = jax.jit(init_fn, out_shardings=out_sharding).lower().compile(
       compiler_options={'xla_backend_optimization_level': 0})
   return compiled()
 
 
-__all__ = ['PRESETS', 'UNet', 'build_model', 'count_params', 'init_params']
+def init_params(model: UNet, rng: jax.Array, image_shape: Sequence[int], batch: int = 1,
+                out_sharding: jax.sharding.Sharding | None = None) -> Any:
+  """`initial_params` computed once (see `init_once`)."""
+  return init_once(lambda: initial_params(model, rng, image_shape, batch), out_sharding)
+
+
+__all__ = ['PRESETS', 'UNet', 'build_model', 'count_params', 'init_once', 'init_params',
+           'initial_params']
