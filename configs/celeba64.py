@@ -6,13 +6,14 @@ Learning rate 1e-4, batch 128, EMA 0.9999, grad clip 1, dropout 0.1: DDPM /
 improved DDPM. Condition dropout p_uncond = 0.1 (Ho & Salimans 2022, CFG),
 plus per-attribute dropout so a prompt may name only some attributes.
 """
+
 from configs import default
 from fdiff_jax.models.unet import PRESETS
 
 
 def get_config():
   config = default.get_config()
-  config.data.dataset = 'celeba'       # --config.data.manual_dir=/path/to/celeba
+  config.data.dataset = 'celeba'  # --config.data.manual_dir=/path/to/celeba
   config.data.image_size = 64
   config.model.update(PRESETS['celeba64'])
   config.model.dropout = 0.1

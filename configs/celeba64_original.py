@@ -1,5 +1,6 @@
 """The original face-diffusion project's U-Net (64x64, channels 32,32,32,64,
 attention at 32/16/8, ~1.4M parameters), for side-by-side comparison."""
+
 from configs import celeba64
 from fdiff_jax.models.unet import PRESETS
 

@@ -1,5 +1,6 @@
 """Unconditional baseline: celeba64 with no attribute input (the original
 face-diffusion project's comparison of unconditional vs conditional FID)."""
+
 from configs import celeba64
 
 

@@ -3,6 +3,7 @@
 Variants import this module, call `get_config()` and override a few fields.
 Override from the command line with `--config.train.batch_size=64`.
 """
+
 import ml_collections
 
 
@@ -17,8 +18,8 @@ def get_config():
   #   celeb_a     TFDS's own celeb_a (for users whose Google Drive download works)
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'celeba'
-  data.manual_dir = ''   # folder with img_align_celeba.zip + list_attr_celeba.txt + ...
-  data.data_dir = ''     # TFDS data dir; '' = TFDS default (~/tensorflow_datasets)
+  data.manual_dir = ''  # folder with img_align_celeba.zip + list_attr_celeba.txt + ...
+  data.data_dir = ''  # TFDS data dir; '' = TFDS default (~/tensorflow_datasets)
   data.image_size = 64
   data.random_flip = True
   data.train_split = 'train'
@@ -26,14 +27,14 @@ def get_config():
 
   # U-Net (fdiff_jax/models/unet.py). The attribute count comes from the dataset.
   config.model = model = ml_collections.ConfigDict()
-  model.conditional = True     # False: unconditional baseline (no attribute input)
+  model.conditional = True  # False: unconditional baseline (no attribute input)
   model.ch = 128
   model.ch_mult = (1, 2, 2, 2)
   model.num_res_blocks = 2
   model.attn_resolutions = (16, 8)
   model.num_heads = 4
   model.dropout = 0.1
-  model.dtype = 'float32'      # compute dtype; 'bfloat16' on GPU/TPU
+  model.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU
   model.param_dtype = 'float32'
   # GroupNorm and attention (fdiff_jax/models/kernels.py): 'cpu' | 'xla', or
   # 'auto' for 'cpu' on a CPU backend, else 'xla'. Same parameters either way.
@@ -41,24 +42,24 @@ def get_config():
 
   # Diffusion process and loss (fdiff_jax/diffusion).
   config.diffusion = diffusion = ml_collections.ConfigDict()
-  diffusion.schedule = 'linear'     # 'linear' (DDPM) | 'cosine' (improved DDPM)
+  diffusion.schedule = 'linear'  # 'linear' (DDPM) | 'cosine' (improved DDPM)
   diffusion.timesteps = 1000
-  diffusion.prediction = 'eps'      # 'eps' | 'v'
-  diffusion.min_snr_gamma = 0.0     # 0 = plain MSE; 5 is the paper's choice
-  diffusion.p_uncond = 0.1          # drop the whole attribute vector (CFG)
-  diffusion.p_attr_drop = 0.0       # drop each attribute independently
+  diffusion.prediction = 'eps'  # 'eps' | 'v'
+  diffusion.min_snr_gamma = 0.0  # 0 = plain MSE; 5 is the paper's choice
+  diffusion.p_uncond = 0.1  # drop the whole attribute vector (CFG)
+  diffusion.p_attr_drop = 0.0  # drop each attribute independently
 
   # Optimisation, checkpoints, reporting (fdiff_jax/train.py).
   config.train = train = ml_collections.ConfigDict()
-  train.batch_size = 128            # global, over all devices of all processes
+  train.batch_size = 128  # global, over all devices of all processes
   train.num_steps = 500_000
   train.learning_rate = 2e-4
   train.warmup_steps = 5000
-  train.lr_schedule = 'constant'    # 'constant' | 'cosine'
+  train.lr_schedule = 'constant'  # 'constant' | 'cosine'
   train.weight_decay = 0.0
   train.grad_clip = 1.0
   train.ema_decay = 0.9999
-  train.ema_warmup = True           # decay min(ema_decay, (1 + step) / (10 + step))
+  train.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step))
   train.log_every = 100
   train.checkpoint_every = 5000
   train.keep_checkpoints = 3
@@ -66,22 +67,30 @@ def get_config():
 
   # Sampling defaults, used for training-time grids and by `fdiff sample`.
   config.sample = sample = ml_collections.ConfigDict()
-  sample.sampler = 'dpm++'          # 'ddpm' | 'ddim' | 'dpm++'
+  sample.sampler = 'dpm++'  # 'ddpm' | 'ddim' | 'dpm++'
   sample.steps = 25
   sample.eta = 0.0
   sample.guidance = 2.0
-  sample.grid_size = 8              # samples per attribute row in training grids
+  sample.grid_size = 8  # samples per attribute row in training grids
   # One grid row per prompt ('' = unconditional), in the `fdiff sample` syntax.
-  sample.grid_prompts = ('', 'Male', '-Male', 'Smiling,Male', 'Smiling,-Male',
-                         'Eyeglasses', 'Blond_Hair,-Male', 'Black_Hair,Male,Mustache')
+  sample.grid_prompts = (
+    '',
+    'Male',
+    '-Male',
+    'Smiling,Male',
+    'Smiling,-Male',
+    'Eyeglasses',
+    'Blond_Hair,-Male',
+    'Black_Hair,Male,Mustache',
+  )
 
   # Attribute classifier for `fdiff evaluate` (fdiff_jax/classifier.py): a small
   # ResNet on the same pipeline. Optimizer, logging and checkpoint fields mean
   # what they do in `train`.
   config.classifier = classifier = ml_collections.ConfigDict()
-  classifier.width = 32             # channels of the first stage, doubled per stage
-  classifier.stages = 3             # residual stages; each after the first halves H, W
-  classifier.features = 128         # penultimate width: the classifier Frechet distance's features
+  classifier.width = 32  # channels of the first stage, doubled per stage
+  classifier.stages = 3  # residual stages; each after the first halves H, W
+  classifier.features = 128  # penultimate width: the classifier Frechet distance's features
   classifier.batch_size = 64
   classifier.num_steps = 3000
   classifier.learning_rate = 2e-3

@@ -4,6 +4,7 @@
 Trains in 6-11 minutes on a 2-core CPU (1,800 steps of 32 images; XLA:CPU
 convolutions are the cost) and ends with sample grids in workdir/samples.
 """
+
 from configs import default
 
 
@@ -11,7 +12,7 @@ def get_config():
   config = default.get_config()
   config.data.dataset = 'digits'
   config.data.image_size = 16
-  config.data.random_flip = False        # a mirrored digit is another glyph
+  config.data.random_flip = False  # a mirrored digit is another glyph
   config.data.eval_split = 'test'
 
   config.model.ch = 32

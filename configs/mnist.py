@@ -1,4 +1,5 @@
 """Class-conditional MNIST (TFDS `mnist`), 28x28, 10 attributes."""
+
 from configs import default
 
 

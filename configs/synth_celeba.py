@@ -2,6 +2,7 @@
 
 Same code path as real CelebA: point --config.data.manual_dir at the folder.
 """
+
 from configs import default
 
 
@@ -18,7 +19,7 @@ def get_config():
   config.model.dropout = 0.0
 
   config.diffusion.schedule = 'cosine'
-  config.diffusion.p_attr_drop = 0.1     # lets a prompt name only some attributes
+  config.diffusion.p_attr_drop = 0.1  # lets a prompt name only some attributes
   config.train.batch_size = 32
   config.train.num_steps = 4000
   config.train.learning_rate = 1e-3
@@ -29,6 +30,14 @@ def get_config():
   config.train.checkpoint_every = 1000
   config.train.sample_every = 1000
   config.sample.guidance = 2.0
-  config.sample.grid_prompts = ('', 'Male', '-Male', 'Smiling', 'Eyeglasses',
-                                'Blond_Hair', 'Black_Hair', 'Wearing_Hat')
+  config.sample.grid_prompts = (
+    '',
+    'Male',
+    '-Male',
+    'Smiling',
+    'Eyeglasses',
+    'Blond_Hair',
+    'Black_Hair',
+    'Wearing_Hat',
+  )
   return config

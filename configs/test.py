@@ -1,10 +1,11 @@
 """Tiny config for the test suite: synthetic CelebA at 16x16, a very small U-Net."""
+
 from configs import default
 
 
 def get_config():
   config = default.get_config()
-  config.data.dataset = 'celeba'          # tests set data.manual_dir / data.data_dir
+  config.data.dataset = 'celeba'  # tests set data.manual_dir / data.data_dir
   config.data.image_size = 16
 
   config.model.ch = 16

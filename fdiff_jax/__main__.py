@@ -1,4 +1,5 @@
 """`python -m fdiff_jax ...` is the same as `fdiff ...`."""
+
 import sys
 
 from fdiff_jax.cli import main

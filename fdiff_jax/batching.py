@@ -1,5 +1,7 @@
 """Runs a jitted function over many examples in fixed-size batches, so it compiles once."""
-from typing import Any, Callable, Optional, Sequence
+
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -7,8 +9,12 @@ import numpy as np
 Progress = Callable[[int, int], None]
 
 
-def map_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size: int,
-                progress: Optional[Progress] = None) -> Any:
+def map_batches(
+  fn: Callable[..., Any],
+  arrays: Sequence[np.ndarray],
+  batch_size: int,
+  progress: Progress | None = None,
+) -> Any:
   """fn(batch index, *batches) over the leading axis of `arrays`, concatenated as numpy.
 
   Every batch has `batch_size` rows: the last one is padded by repeating its last row,
@@ -17,12 +23,14 @@ def map_batches(fn: Callable[..., Any], arrays: Sequence[np.ndarray], batch_size
   """
   n = len(arrays[0])
   if n < 1 or batch_size < 1:
-    raise ValueError(f'need at least one example and a batch size of at least 1, got {n} '
-                     f'examples and batch size {batch_size}')
+    raise ValueError(
+      f'need at least one example and a batch size of at least 1, got {n} '
+      f'examples and batch size {batch_size}'
+    )
   count = -(-n // batch_size)
   outputs = []
   for b in range(count):
-    chunks = [_pad(a[b * batch_size:(b + 1) * batch_size], batch_size) for a in arrays]
+    chunks = [_pad(a[b * batch_size : (b + 1) * batch_size], batch_size) for a in arrays]
     rows = min(batch_size, n - b * batch_size)
     outputs.append(jax.tree.map(lambda y, rows=rows: np.asarray(y)[:rows], fn(b, *chunks)))
     if progress:

@@ -7,6 +7,7 @@ analysis; utilisation is reported against the accelerator's published peak
 (or --peak-tflops) and, on CPU, against a large float32 matmul timed in the
 same run, a ceiling that moves with the machine's load.
 """
+
 import functools
 import json
 import os
@@ -20,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdiff_jax import diffusion, parallel, train
-from fdiff_jax.sampler import Sampler, default_steps
 from fdiff_jax.data import pipeline
 from fdiff_jax.errors import UserError
 from fdiff_jax.models import build_model, count_params, init_params
+from fdiff_jax.sampler import Sampler, default_steps
 from fdiff_jax.train_state import make_optimizer
 
 WORKLOADS = ('train', 'sample')
@@ -31,9 +32,15 @@ MATMUL_SIZE = 2048
 
 # Published dense bf16 peaks (TFLOP/s), matched in order against device_kind.
 PUBLISHED_PEAK_TFLOPS = (
-    ('h100', 989.0), ('h200', 989.0), ('a100', 312.0), ('tpu v4', 275.0),
-    ('tpu v5 lite', 197.0), ('tpu v5e', 197.0), ('tpu v5', 459.0),
-    ('tpu v6 lite', 918.0), ('tpu v6e', 918.0),
+  ('h100', 989.0),
+  ('h200', 989.0),
+  ('a100', 312.0),
+  ('tpu v4', 275.0),
+  ('tpu v5 lite', 197.0),
+  ('tpu v5e', 197.0),
+  ('tpu v5', 459.0),
+  ('tpu v6 lite', 918.0),
+  ('tpu v6e', 918.0),
 )
 
 
@@ -42,7 +49,9 @@ def parse_workloads(text):
   names = tuple(w.strip() for w in text.split(',') if w.strip())
   bad = [w for w in names if w not in WORKLOADS]
   if bad or not names:
-    raise UserError(f"workloads {text!r}: expected a comma-separated subset of {','.join(WORKLOADS)}")
+    raise UserError(
+      f'workloads {text!r}: expected a comma-separated subset of {",".join(WORKLOADS)}'
+    )
   return names
 
 
@@ -125,13 +134,17 @@ def summarize(times, images, flops, peak_tflops, ceiling):
   median = statistics.median(times)
   achieved = flops / median
   return {
-      'seconds_median': median, 'seconds_min': min(times), 'seconds_max': max(times),
-      'images_per_sec': images / median, 'images_per_sec_min': images / max(times),
-      'images_per_sec_max': images / min(times),
-      'flops_per_call': flops, 'achieved_tflops': achieved / 1e12,
-      'utilisation_vs_peak': achieved / (peak_tflops * 1e12) if peak_tflops else None,
-      'matmul_ceiling_tflops': ceiling / 1e12 if ceiling else None,
-      'utilisation_vs_matmul': achieved / ceiling if ceiling else None,
+    'seconds_median': median,
+    'seconds_min': min(times),
+    'seconds_max': max(times),
+    'images_per_sec': images / median,
+    'images_per_sec_min': images / max(times),
+    'images_per_sec_max': images / min(times),
+    'flops_per_call': flops,
+    'achieved_tflops': achieved / 1e12,
+    'utilisation_vs_peak': achieved / (peak_tflops * 1e12) if peak_tflops else None,
+    'matmul_ceiling_tflops': ceiling / 1e12 if ceiling else None,
+    'utilisation_vs_matmul': achieved / ceiling if ceiling else None,
   }
 
 
@@ -155,8 +168,12 @@ def bench_train(config, model, mesh, batch, repeats):
 
 def bench_sample(config, model, mesh, batch, repeats, *, sampler, steps, guidance):
   """Compile time and timing of the whole jitted sampler; FLOPs = steps x one guided call."""
-  params = init_params(model, jax.random.key(config.seed), pipeline.image_shape(config),
-                       out_sharding=parallel.replicated(mesh))
+  params = init_params(
+    model,
+    jax.random.key(config.seed),
+    pipeline.image_shape(config),
+    out_sharding=parallel.replicated(mesh),
+  )
   runner = Sampler(config, model, params)
   image, attributes = random_inputs(config, batch, model.num_attributes or 1)
   start = time.perf_counter()
@@ -180,16 +197,29 @@ def machine():
   """What ran the benchmark: device, host, software and load."""
   device = jax.local_devices()[0]
   return {
-      'platform': device.platform, 'device_kind': device.device_kind,
-      'num_devices': jax.device_count(), 'processor': platform.processor() or platform.machine(),
-      'cpu_count': os.cpu_count(), 'load_average': list(os.getloadavg()),
-      'jax_version': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+    'platform': device.platform,
+    'device_kind': device.device_kind,
+    'num_devices': jax.device_count(),
+    'processor': platform.processor() or platform.machine(),
+    'cpu_count': os.cpu_count(),
+    'load_average': list(os.getloadavg()),
+    'jax_version': jax.__version__,
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
   }
 
 
-def run(config, *, what=WORKLOADS, batch=None, sampler=None, steps=None, guidance=None,
-        repeats=5, peak_tflops=None):
+def run(
+  config,
+  *,
+  what=WORKLOADS,
+  batch=None,
+  sampler=None,
+  steps=None,
+  guidance=None,
+  repeats=5,
+  peak_tflops=None,
+):
   """Benchmarks the workloads in `what`; returns a JSON-ready dict."""
   if repeats < 1:
     raise UserError(f'repeats must be at least 1, got {repeats}')
@@ -203,23 +233,35 @@ def run(config, *, what=WORKLOADS, batch=None, sampler=None, steps=None, guidanc
   peak = peak_tflops or published_peak_tflops(info['device_kind'])
   model = build_model(config.model, len(pipeline.attribute_names(config)))
   shape = pipeline.image_shape(config)
-  result = {'machine': info, 'peak_tflops': peak,
-            'model': {'params': parameter_count(model, shape), 'image_shape': list(shape),
-                      'dtype': config.model.dtype}}
+  result = {
+    'machine': info,
+    'peak_tflops': peak,
+    'model': {
+      'params': parameter_count(model, shape),
+      'image_shape': list(shape),
+      'dtype': config.model.dtype,
+    },
+  }
   for name in what:
     host_peak_was_reset = reset_host_peak()
     if name == 'train':
       compile_s, flops, times = bench_train(config, model, mesh, batch, repeats)
       extra = {}
     else:
-      compile_s, flops, times = bench_sample(config, model, mesh, batch, repeats,
-                                             sampler=sampler, steps=steps, guidance=guidance)
+      compile_s, flops, times = bench_sample(
+        config, model, mesh, batch, repeats, sampler=sampler, steps=steps, guidance=guidance
+      )
       extra = {'sampler': sampler, 'steps': steps, 'guidance': guidance}
     ceiling = matmul_flops_per_sec(repeats) if info['platform'] == 'cpu' else None
     memory, memory_source = peak_memory(host_peak_was_reset)
-    result[name] = {'batch': batch, **extra, 'compile_seconds': compile_s,
-                    **summarize(times, batch, flops, peak, ceiling),
-                    'peak_memory_bytes': memory, 'peak_memory_source': memory_source}
+    result[name] = {
+      'batch': batch,
+      **extra,
+      'compile_seconds': compile_s,
+      **summarize(times, batch, flops, peak, ceiling),
+      'peak_memory_bytes': memory,
+      'peak_memory_source': memory_source,
+    }
   return result
 
 
@@ -230,29 +272,35 @@ def _percent(x):
 def format_table(result):
   """A readable table of a `run` result."""
   m = result['machine']
-  lines = [f"{m['device_kind']} ({m['platform']}, {m['num_devices']} device(s), "
-           f"{m['cpu_count']} CPUs, load {' '.join(f'{x:.2f}' for x in m['load_average'])}); "
-           f"model {result['model']['params'] / 1e6:.2f}M params, "
-           f"{'x'.join(map(str, result['model']['image_shape']))} {result['model']['dtype']}",
-           f"{'':8}{'batch':>6}{'compile s':>10}{'median s (min-max)':>26}{'images/s':>10}"
-           f"{'GFLOP/call':>12}{'TFLOP/s':>9}{'vs peak':>8}{'vs matmul':>10}{'peak mem':>10}"]
+  lines = [
+    f'{m["device_kind"]} ({m["platform"]}, {m["num_devices"]} device(s), '
+    f'{m["cpu_count"]} CPUs, load {" ".join(f"{x:.2f}" for x in m["load_average"])}); '
+    f'model {result["model"]["params"] / 1e6:.2f}M params, '
+    f'{"x".join(map(str, result["model"]["image_shape"]))} {result["model"]["dtype"]}',
+    f'{"":8}{"batch":>6}{"compile s":>10}{"median s (min-max)":>26}{"images/s":>10}'
+    f'{"GFLOP/call":>12}{"TFLOP/s":>9}{"vs peak":>8}{"vs matmul":>10}{"peak mem":>10}',
+  ]
   for name in WORKLOADS:
     if name not in result:
       continue
     r = result[name]
-    spread = f"{r['seconds_median']:.3f} ({r['seconds_min']:.3f}-{r['seconds_max']:.3f})"
-    lines.append(f"{name:8}{r['batch']:>6}{r['compile_seconds']:>10.1f}{spread:>26}"
-                 f"{r['images_per_sec']:>10.2f}{r['flops_per_call'] / 1e9:>12.1f}"
-                 f"{r['achieved_tflops']:>9.3f}{_percent(r['utilisation_vs_peak']):>8}"
-                 f"{_percent(r['utilisation_vs_matmul']):>10}"
-                 f"{r['peak_memory_bytes'] / 2**30:>7.2f}GiB")
+    spread = f'{r["seconds_median"]:.3f} ({r["seconds_min"]:.3f}-{r["seconds_max"]:.3f})'
+    lines.append(
+      f'{name:8}{r["batch"]:>6}{r["compile_seconds"]:>10.1f}{spread:>26}'
+      f'{r["images_per_sec"]:>10.2f}{r["flops_per_call"] / 1e9:>12.1f}'
+      f'{r["achieved_tflops"]:>9.3f}{_percent(r["utilisation_vs_peak"]):>8}'
+      f'{_percent(r["utilisation_vs_matmul"]):>10}'
+      f'{r["peak_memory_bytes"] / 2**30:>7.2f}GiB'
+    )
   for name in WORKLOADS:
     if result.get(name, {}).get('matmul_ceiling_tflops'):
-      lines.append(f"{name}: float32 {MATMUL_SIZE}^2 matmul ceiling "
-                   f"{result[name]['matmul_ceiling_tflops']:.3f} TFLOP/s")
+      lines.append(
+        f'{name}: float32 {MATMUL_SIZE}^2 matmul ceiling '
+        f'{result[name]["matmul_ceiling_tflops"]:.3f} TFLOP/s'
+      )
   if 'sample' in result:
     s = result['sample']
-    lines.append(f"sample: {s['sampler']} {s['steps']} steps, guidance {s['guidance']}")
+    lines.append(f'sample: {s["sampler"]} {s["steps"]} steps, guidance {s["guidance"]}')
   return '\n'.join(lines)
 
 

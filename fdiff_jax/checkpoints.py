@@ -3,6 +3,7 @@
 A workdir is self-describing: `config.json` sits next to `checkpoints/`, so
 later commands need only `--workdir`.
 """
+
 import dataclasses
 import functools
 import os
@@ -24,15 +25,19 @@ CONFIG_FILE = 'config.json'
 
 
 def save_config(workdir, config):
-  images.write_atomically(os.path.join(workdir, CONFIG_FILE),
-                          lambda f: f.write(config_utils.config_to_json(config).encode()))
+  images.write_atomically(
+    os.path.join(workdir, CONFIG_FILE),
+    lambda f: f.write(config_utils.config_to_json(config).encode()),
+  )
 
 
 def load_config(workdir):
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.is_file():
-    raise UserError(f'{path} not found: {workdir!r} is not a training workdir '
-                    '(train one with `fdiff train --config ... --workdir ...`)')
+    raise UserError(
+      f'{path} not found: {workdir!r} is not a training workdir '
+      '(train one with `fdiff train --config ... --workdir ...`)'
+    )
   return config_utils.config_from_json(path.read_text())
 
 
@@ -43,9 +48,9 @@ def absolute(path):
 
 def checkpoint_manager(workdir, max_to_keep=None, asynchronous=True):
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous)
-  return ocp.CheckpointManager(absolute(os.path.join(workdir, 'checkpoints')),
-                               options=options)
+    max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous
+  )
+  return ocp.CheckpointManager(absolute(os.path.join(workdir, 'checkpoints')), options=options)
 
 
 def save(manager, step, state):
@@ -59,14 +64,18 @@ def restore(manager: ocp.CheckpointManager, abstract: Any, step: int | None = No
   if step is None:
     raise UserError(f'no checkpoint in {manager.directory}; train first or check --workdir')
   if step not in manager.all_steps():
-    raise UserError(f'no checkpoint at step {step} in {manager.directory}; '
-                    f'available: {sorted(manager.all_steps())}')
+    raise UserError(
+      f'no checkpoint at step {step} in {manager.directory}; '
+      f'available: {sorted(manager.all_steps())}'
+    )
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except (ValueError, KeyError, OSError, TypeError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f'checkpoint {step} in {manager.directory} cannot be restored '
-                    f'({first_line}); delete it to fall back to an earlier one') from None
+    raise UserError(
+      f'checkpoint {step} in {manager.directory} cannot be restored '
+      f'({first_line}); delete it to fall back to an earlier one'
+    ) from None
 
 
 def abstract_state(init_fn: Callable[[], Any], sharding: jax.sharding.Sharding) -> Any:
@@ -75,8 +84,9 @@ def abstract_state(init_fn: Callable[[], Any], sharding: jax.sharding.Sharding) 
   The one description of a state's structure: restores fill it in, and a
   fresh start computes `init_fn` itself with the same sharding.
   """
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      jax.eval_shape(init_fn))
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), jax.eval_shape(init_fn)
+  )
 
 
 def load_state(workdir: str, init_fn: Callable[[], Any], step: int | None = None) -> Any:
@@ -92,9 +102,10 @@ def load_state(workdir: str, init_fn: Callable[[], Any], step: int | None = None
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
   """A trained diffusion workdir, ready for sampling and evaluation."""
+
   config: ml_collections.ConfigDict
   model: UNet
-  params: Any   # The EMA parameters.
+  params: Any  # The EMA parameters.
   step: int
 
 

@@ -6,6 +6,7 @@ penultimate features, which works offline on any dataset; `fdiff edit` uses
 it to read a photo's attributes. CelebA is multi-label (one sigmoid per
 attribute); digits/MNIST are one class of ten (softmax).
 """
+
 import dataclasses
 import functools
 import json
@@ -35,6 +36,7 @@ VALIDATION_FILE = 'validation.json'
 
 class ResidualBlock(nn.Module):
   """Pre-activation block: (GroupNorm, ReLU, 3x3 conv) x 2 plus a shortcut."""
+
   features: int
   strides: int = 1
 
@@ -56,6 +58,7 @@ class AttributeClassifier(nn.Module):
   The last feature map is flattened, not averaged: where a feature sits
   (hat above, mustache below) matters, and it trains in a few hundred steps.
   """
+
   num_attributes: int
   width: int = 32
   stages: int = 3
@@ -85,14 +88,17 @@ def is_one_hot(config):
 
 def build_classifier(config):
   c = config.classifier
-  return AttributeClassifier(len(pipeline.attribute_names(config)), width=c.width, stages=c.stages,
-                             features=c.features)
+  return AttributeClassifier(
+    len(pipeline.attribute_names(config)), width=c.width, stages=c.stages, features=c.features
+  )
 
 
 def classification_loss(logits, attributes, one_hot):
   """Softmax cross-entropy on the +1 class, or sigmoid cross-entropies summed over attributes."""
   if one_hot:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmax(attributes, -1)).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.argmax(attributes, -1)
+    ).mean()
   return optax.sigmoid_binary_cross_entropy(logits, (attributes + 1.0) / 2.0).sum(-1).mean()
 
 
@@ -112,8 +118,11 @@ def scored(targets, one_hot):
 def accuracy(predicted, targets, mask, names):
   """(mean over the scored pairs, {name: accuracy} over attributes with any scored pair)."""
   correct = (np.asarray(predicted) == np.sign(targets)) & mask
-  per_attribute = {name: float(correct[:, i].sum() / mask[:, i].sum())
-                   for i, name in enumerate(names) if mask[:, i].any()}
+  per_attribute = {
+    name: float(correct[:, i].sum() / mask[:, i].sum())
+    for i, name in enumerate(names)
+    if mask[:, i].any()
+  }
   return float(correct.sum() / max(mask.sum(), 1)), per_attribute
 
 
@@ -121,22 +130,25 @@ def _train_step(state, batch, *, model, tx, one_hot):
   def loss_fn(params):
     logits, _ = model.apply({'params': params}, batch['image'])
     return classification_loss(logits, batch['attributes'], one_hot)
+
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return ClassifierState(state.step + 1, params, opt_state), {'loss': loss}
 
 
-def initial_state(config: ml_collections.ConfigDict, model: AttributeClassifier,
-                  tx: optax.GradientTransformation) -> ClassifierState:
+def initial_state(
+  config: ml_collections.ConfigDict, model: AttributeClassifier, tx: optax.GradientTransformation
+) -> ClassifierState:
   """Step 0: parameters from the config's seed and a fresh optimizer state; traceable."""
   x = jnp.zeros((1,) + pipeline.image_shape(config))
   params = model.init(jax.random.key(config.seed), x)['params']
   return ClassifierState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
-def train_classifier(config: ml_collections.ConfigDict, workdir: str,
-                     mesh: Mesh | None = None) -> dict | None:
+def train_classifier(
+  config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
+) -> dict | None:
   """Trains (or resumes) the classifier in `workdir`; returns the validation accuracies.
 
   The workdir looks like a diffusion one: config.json and orbax checkpoints;
@@ -149,22 +161,38 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str,
   model, tx, one_hot = build_classifier(config), make_optimizer(c), is_one_hot(config)
   data_config = config.copy_and_resolve_references()
   data_config.train.batch_size = c.batch_size
-  step_fn = jax.jit(functools.partial(_train_step, model=model, tx=tx, one_hot=one_hot),
-                    in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-                    out_shardings=parallel.replicated(mesh), donate_argnums=0)
+  step_fn = jax.jit(
+    functools.partial(_train_step, model=model, tx=tx, one_hot=one_hot),
+    in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+    out_shardings=parallel.replicated(mesh),
+    donate_argnums=0,
+  )
   writer = loop.create_writer(workdir)
   state, _ = loop.run(
-      config, 'classifier', workdir, functools.partial(initial_state, config, model, tx), step_fn,
-      lambda start: pipeline.create_train_iterator(data_config, start_step=start), mesh, writer)
+    config,
+    'classifier',
+    workdir,
+    functools.partial(initial_state, config, model, tx),
+    step_fn,
+    lambda start: pipeline.create_train_iterator(data_config, start_step=start),
+    mesh,
+    writer,
+  )
   step = int(state.step)
   if step < c.num_steps:
     return None
   classifier = Classifier(workdir, config, model, jax.device_get(state.params), step)
   predicted, targets, _ = classifier.run_on_split(config)
-  mean, per_attribute = accuracy(predicted, targets, scored(targets, one_hot),
-                                 pipeline.attribute_names(config))
-  result = {'step': step, 'split': config.data.eval_split, 'examples': len(targets),
-            'accuracy': mean, 'per_attribute': per_attribute}
+  mean, per_attribute = accuracy(
+    predicted, targets, scored(targets, one_hot), pipeline.attribute_names(config)
+  )
+  result = {
+    'step': step,
+    'split': config.data.eval_split,
+    'examples': len(targets),
+    'accuracy': mean,
+    'per_attribute': per_attribute,
+  }
   writer.write_scalars(step, {'val_accuracy': mean})
   writer.flush()
   if parallel.is_main_process():
@@ -176,8 +204,10 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str,
 
 def format_accuracy(result):
   """Validation accuracies as text: the mean, then one line per attribute."""
-  lines = [f"validation accuracy {result['accuracy']:.4f} on {result['examples']} "
-           f"{result['split']} images (step {result['step']})"]
+  lines = [
+    f'validation accuracy {result["accuracy"]:.4f} on {result["examples"]} '
+    f'{result["split"]} images (step {result["step"]})'
+  ]
   lines += [f'  {name:<20} {acc:.4f}' for name, acc in result['per_attribute'].items()]
   return '\n'.join(lines)
 
@@ -185,6 +215,7 @@ def format_accuracy(result):
 @dataclasses.dataclass
 class Classifier:
   """A trained classifier, ready to apply to [-1, 1] images of any size."""
+
   workdir: str
   config: Any
   model: AttributeClassifier
@@ -209,6 +240,7 @@ class Classifier:
         x = jax.image.resize(x, (x.shape[0], h, w, c), 'bilinear', antialias=True)
       logits, features = self.model.apply({'params': params}, x)
       return logits_to_attributes(logits, self.one_hot), features
+
     return jax.jit(apply)
 
   def __call__(self, images, batch_size=256):
@@ -216,10 +248,13 @@ class Classifier:
     images = np.asarray(images, np.float32)
     channels = pipeline.image_shape(self.config)[-1]
     if images.ndim != 4 or images.shape[-1] != channels:
-      raise UserError(f'the classifier reads [N, H, W, {channels}] images, got {images.shape}; '
-                      'was it trained on the same dataset as the diffusion model?')
-    return map_batches(lambda _, x: self._apply(self.params, x), (images,),
-                       min(batch_size, len(images)))
+      raise UserError(
+        f'the classifier reads [N, H, W, {channels}] images, got {images.shape}; '
+        'was it trained on the same dataset as the diffusion model?'
+      )
+    return map_batches(
+      lambda _, x: self._apply(self.params, x), (images,), min(batch_size, len(images))
+    )
 
   def run_on_split(self, config, split=None, transform=None, batch_size=256):
     """One pass over a split of `config`'s data: (predicted, targets, FeatureStatistics).
@@ -241,8 +276,10 @@ def load_classifier(classifier_dir, step=None):
   """The classifier trained in `classifier_dir` (latest checkpoint unless `step`)."""
   config = checkpoints.load_config(classifier_dir)
   if 'classifier' not in config:
-    raise UserError(f'{classifier_dir!r} holds no classifier config; train one with '
-                    '`fdiff train-classifier --config ... --workdir ...`')
+    raise UserError(
+      f'{classifier_dir!r} holds no classifier config; train one with '
+      '`fdiff train-classifier --config ... --workdir ...`'
+    )
   model, tx = build_classifier(config), make_optimizer(config.classifier)
   init_fn = functools.partial(initial_state, config, model, tx)
   state = checkpoints.load_state(classifier_dir, init_fn, step)

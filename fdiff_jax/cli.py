@@ -2,6 +2,7 @@
 
 Every user mistake surfaces as one line on stderr and exit code 2.
 """
+
 import argparse
 import sys
 
@@ -15,8 +16,10 @@ def _config_overrides(unknown):
   while i < len(unknown):
     arg = unknown[i]
     if not arg.startswith('--config.'):
-      raise UserError(f'unrecognized argument {arg!r}; config fields are set with --config.a.b=value')
-    arg = arg[len('--config.'):]
+      raise UserError(
+        f'unrecognized argument {arg!r}; config fields are set with --config.a.b=value'
+      )
+    arg = arg[len('--config.') :]
     if '=' not in arg:
       if i + 1 == len(unknown):
         raise UserError(f'--config.{arg} needs a value')
@@ -28,26 +31,40 @@ def _config_overrides(unknown):
 
 def cmd_train(args, overrides):
   from fdiff_jax import config_utils
+
   config = config_utils.load_config(args.config, overrides)  # Before TF's import noise.
   from fdiff_jax import parallel, train
-  parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                                  args.local_device_ids)
+
+  parallel.initialize_distributed(
+    args.coordinator_address, args.num_processes, args.process_id, args.local_device_ids
+  )
   train.train_diffusion(config, args.workdir)
 
 
 def cmd_synth_celeba(args):
   from fdiff_jax.data import synth_celeba
+
   synth_celeba.write_synthetic_celeba(args.dir, num=args.num, seed=args.seed, layout=args.layout)
   print(f'wrote {args.num} synthetic CelebA images to {args.dir}')
 
 
 def cmd_bench(args, overrides):
   from fdiff_jax import config_utils
+
   config = config_utils.load_config(args.config, overrides)
   from fdiff_jax import bench
+
   what = bench.parse_workloads(args.what)
-  result = bench.run(config, what=what, batch=args.batch, sampler=args.sampler, steps=args.steps,
-                     guidance=args.guidance, repeats=args.repeats, peak_tflops=args.peak_tflops)
+  result = bench.run(
+    config,
+    what=what,
+    batch=args.batch,
+    sampler=args.sampler,
+    steps=args.steps,
+    guidance=args.guidance,
+    repeats=args.repeats,
+    peak_tflops=args.peak_tflops,
+  )
   result['config'] = args.config
   print(bench.format_table(result))
   if args.out:
@@ -56,8 +73,10 @@ def cmd_bench(args, overrides):
 
 def cmd_train_classifier(args, overrides):
   from fdiff_jax import config_utils
+
   config = config_utils.load_config(args.config, overrides)
   from fdiff_jax import classifier
+
   result = classifier.train_classifier(config, args.workdir)
   if result is not None:  # None: stopped by SIGTERM before the end.
     print(classifier.format_accuracy(result))
@@ -65,13 +84,22 @@ def cmd_train_classifier(args, overrides):
 
 def cmd_evaluate(args):
   from fdiff_jax import evaluate, generate
+
   report = evaluate.evaluate(
-      args.workdir, args.classifier, num_samples=args.num_samples, sampler=args.sampler,
-      steps=args.steps, guidance=generate.parse_guidance(args.guidance), seed=args.seed,
-      out_dir=args.out_dir, inception_weights=args.inception_weights, compute_fid=not args.no_fid,
-      batch_size=args.batch_size)
+    args.workdir,
+    args.classifier,
+    num_samples=args.num_samples,
+    sampler=args.sampler,
+    steps=args.steps,
+    guidance=generate.parse_guidance(args.guidance),
+    seed=args.seed,
+    out_dir=args.out_dir,
+    inception_weights=args.inception_weights,
+    compute_fid=not args.no_fid,
+    batch_size=args.batch_size,
+  )
   print(evaluate.markdown_table(report), end='')
-  print(f"wrote report.json, report.md and report.png to {report['out_dir']}")
+  print(f'wrote report.json, report.md and report.png to {report["out_dir"]}')
 
 
 # Flags whose values may start with '-' ("-Smiling"); argparse would take those for options.
@@ -82,8 +110,12 @@ def _join_attribute_values(argv):
   """`--from -Smiling` -> `--from=-Smiling`, so negated attributes need no '=' from the user."""
   joined, i = [], 0
   while i < len(argv):
-    if argv[i] in ATTRIBUTE_FLAGS and i + 1 < len(argv) and argv[i + 1].startswith('-') \
-        and not argv[i + 1].startswith('--'):
+    if (
+      argv[i] in ATTRIBUTE_FLAGS
+      and i + 1 < len(argv)
+      and argv[i + 1].startswith('-')
+      and not argv[i + 1].startswith('--')
+    ):
       joined.append(f'{argv[i]}={argv[i + 1]}')
       i += 2
     else:
@@ -95,16 +127,23 @@ def _join_attribute_values(argv):
 def _sampler(args):
   """The `Sampler` of the workdir's model, after checking that some output is asked for."""
   from fdiff_jax import checkpoints, sampler
+
   if not (args.out or args.out_dir or getattr(args, 'gif', None)):
     raise UserError('nothing would be written; give --out FILE.png and/or --out-dir DIR')
   loaded = checkpoints.load_model(args.workdir, args.checkpoint_step)
-  return sampler.Sampler(loaded.config, loaded.model, loaded.params, batch_size=args.batch_size,
-                         progress=sampler.print_progress)
+  return sampler.Sampler(
+    loaded.config,
+    loaded.model,
+    loaded.params,
+    batch_size=args.batch_size,
+    progress=sampler.print_progress,
+  )
 
 
 def _write(rows, prefix, out, out_dir, scale):
   """[rows, cols, H, W, C] images -> the `out` grid and/or out_dir/{prefix}_NNNN.png files."""
   from fdiff_jax import images
+
   if out:
     images.save_png(out, images.grid_image(rows), scale)
     print(f'wrote {out}')
@@ -135,40 +174,65 @@ def _int_list(text, flag):
   try:
     return [int(item) for item in text.split(',')]
   except ValueError:
-    raise UserError(f'{flag} {text!r} is not a comma-separated list of integers, e.g. 0,1,2') from None
+    raise UserError(
+      f'{flag} {text!r} is not a comma-separated list of integers, e.g. 0,1,2'
+    ) from None
 
 
 def cmd_sample(args):
   import numpy as np
+
   from fdiff_jax import generate
+
   guidances = generate.parse_guidance(args.guidance) if args.guidance else [None]
   sampler = _sampler(args)
-  rows = np.stack([generate.attribute_vector(sampler.config, text)
-                   for text in _attribute_lines(args)])
-  samples = generate.guidance_sweep(sampler, rows, guidances, num=args.num, seed=args.seed,
-                                    solver=args.sampler, steps=args.steps, eta=args.eta)
+  rows = np.stack(
+    [generate.attribute_vector(sampler.config, text) for text in _attribute_lines(args)]
+  )
+  samples = generate.guidance_sweep(
+    sampler,
+    rows,
+    guidances,
+    num=args.num,
+    seed=args.seed,
+    solver=args.sampler,
+    steps=args.steps,
+    eta=args.eta,
+  )
   _write(samples.reshape((-1,) + samples.shape[2:]), 'sample', args.out, args.out_dir, args.scale)
 
 
 def cmd_interpolate(args):
   from fdiff_jax import generate, images
+
   sampler = _sampler(args)
   frames = generate.interpolate(
-      sampler, generate.attribute_vector(sampler.config, args.start),
-      generate.attribute_vector(sampler.config, args.end), frames=args.frames,
-      seeds=_int_list(args.seeds, '--seeds'), guidance=args.guidance, solver=args.sampler,
-      steps=args.steps)
+    sampler,
+    generate.attribute_vector(sampler.config, args.start),
+    generate.attribute_vector(sampler.config, args.end),
+    frames=args.frames,
+    seeds=_int_list(args.seeds, '--seeds'),
+    guidance=args.guidance,
+    solver=args.sampler,
+    steps=args.steps,
+  )
   _write(frames, 'frame', args.out, args.out_dir, args.scale)
   if args.gif:
-    images.save_gif(args.gif, [images.grid_image(frames[:, f:f + 1]) for f in range(args.frames)],
-                    scale=args.scale)
+    images.save_gif(
+      args.gif,
+      [images.grid_image(frames[:, f : f + 1]) for f in range(args.frames)],
+      scale=args.scale,
+    )
     print(f'wrote {args.gif}')
 
 
 def cmd_edit(args):
   import os
+
   import numpy as np
+
   from fdiff_jax import generate
+
   sampler = _sampler(args)
   config = sampler.config
   image = generate.load_image(args.image, config)[None]
@@ -176,9 +240,11 @@ def cmd_edit(args):
   source_text = args.source
   if source_text is None:  # Read them with the classifier if there is one, else ask.
     if not os.path.isdir(os.path.join(classifier_dir, 'checkpoints')):
-      raise UserError('give the photo\'s attributes with --source "Smiling,-Male,..." (\'\' for '
-                      'none), or train a classifier with `fdiff train-classifier --workdir '
-                      f'{classifier_dir}` to read them (--source auto)')
+      raise UserError(
+        "give the photo's attributes with --source \"Smiling,-Male,...\" ('' for "
+        'none), or train a classifier with `fdiff train-classifier --workdir '
+        f'{classifier_dir}` to read them (--source auto)'
+      )
     source_text = 'auto'
   if source_text == 'auto':
     source = generate.predicted_attributes(config, image, classifier_dir)
@@ -186,8 +252,16 @@ def cmd_edit(args):
     source = generate.attribute_vector(config, source_text)[None]
   target = generate.updated_attributes(source, generate.attribute_vector(config, args.set))
   reconstruction, edited = generate.edit(
-      sampler, image, source, target, method=args.method, strength=args.strength,
-      guidance=args.guidance, steps=args.steps, seed=args.seed)
+    sampler,
+    image,
+    source,
+    target,
+    method=args.method,
+    strength=args.strength,
+    guidance=args.guidance,
+    steps=args.steps,
+    seed=args.seed,
+  )
   panel = np.stack([image, reconstruction, edited], axis=1)  # original | reconstruction | edit
   _write(panel, 'edit', args.out, None, args.scale)
   _write(edited[:, None], 'edit', None, args.out_dir, args.scale)
@@ -219,12 +293,16 @@ def build_parser():
   p.add_argument('--config', required=True, help='config file, e.g. configs/digits.py')
   p.add_argument('--workdir', required=True)
   multihost = p.add_argument_group(
-      'multi-host', 'one process per host (or GPU); auto-detected on SLURM and Cloud TPU VMs; '
-      'each also read from FDIFF_<NAME> (e.g. FDIFF_PROCESS_ID); see launch/README.md')
+    'multi-host',
+    'one process per host (or GPU); auto-detected on SLURM and Cloud TPU VMs; '
+    'each also read from FDIFF_<NAME> (e.g. FDIFF_PROCESS_ID); see launch/README.md',
+  )
   multihost.add_argument('--coordinator_address', help='HOST:PORT of process 0, the same for all')
   multihost.add_argument('--num_processes', type=int, help='number of processes in the job')
   multihost.add_argument('--process_id', type=int, help='this process, 0 .. num_processes-1')
-  multihost.add_argument('--local_device_ids', help="this process's devices, e.g. 0,1 (default: all)")
+  multihost.add_argument(
+    '--local_device_ids', help="this process's devices, e.g. 0,1 (default: all)"
+  )
   p.set_defaults(func=cmd_train, takes_overrides=True)
 
   p = commands.add_parser('bench', help='training/sampling throughput and FLOP utilisation')
@@ -241,8 +319,12 @@ def build_parser():
 
   p = commands.add_parser('sample', help='sample images with chosen attributes; sweep guidance')
   _add_generation_flags(p)
-  p.add_argument('--attributes', default='', help='e.g. "Smiling,-Male,Eyeglasses=0.5"; '
-                 "unspecified attributes stay 0 ('' = unconditional)")
+  p.add_argument(
+    '--attributes',
+    default='',
+    help='e.g. "Smiling,-Male,Eyeglasses=0.5"; '
+    "unspecified attributes stay 0 ('' = unconditional)",
+  )
   p.add_argument('--attributes-file', help='one attribute string per line: one grid row each')
   p.add_argument('--num', type=int, default=8, help='images per attribute row')
   p.add_argument('--sampler', help='ddpm | ddim | dpm++ (default: sample.sampler)')
@@ -266,24 +348,37 @@ def build_parser():
   _add_generation_flags(p)
   p.add_argument('--image', required=True, help='photo to edit (JPEG, PNG, ...)')
   p.add_argument('--set', default='', help='attributes to change, e.g. "Eyeglasses,-Smiling"')
-  p.add_argument('--source', help="the photo's attributes ('' = all unspecified), or 'auto' to "
-                 'read them with the attribute classifier (default: auto if WORKDIR/classifier '
-                 'exists)')
-  p.add_argument('--classifier', help='classifier workdir for --source auto (default: WORKDIR/classifier)')
+  p.add_argument(
+    '--source',
+    help="the photo's attributes ('' = all unspecified), or 'auto' to "
+    'read them with the attribute classifier (default: auto if WORKDIR/classifier '
+    'exists)',
+  )
+  p.add_argument(
+    '--classifier', help='classifier workdir for --source auto (default: WORKDIR/classifier)'
+  )
   p.add_argument('--method', default='inversion', help='inversion (DDIM) | sdedit')
   p.add_argument('--strength', type=float, default=0.5, help='sdedit: fraction of T to noise to')
   p.add_argument('--guidance', type=float, help='CFG weight w (default: sample.guidance)')
   p.add_argument('--seed', type=int, default=0, help='sdedit noise')
   p.set_defaults(func=cmd_edit)
 
-  p = commands.add_parser('train-classifier', help='train the attribute classifier used by evaluate')
-  p.add_argument('--config', required=True, help='config file of the dataset, e.g. configs/digits.py')
+  p = commands.add_parser(
+    'train-classifier', help='train the attribute classifier used by evaluate'
+  )
+  p.add_argument(
+    '--config', required=True, help='config file of the dataset, e.g. configs/digits.py'
+  )
   p.add_argument('--workdir', required=True, help='classifier workdir (config + checkpoints)')
   p.set_defaults(func=cmd_train_classifier, takes_overrides=True)
 
   p = commands.add_parser('evaluate', help='FID, classifier FD and attribute accuracy vs guidance')
-  p.add_argument('--workdir', required=True, action='append',
-                 help='training workdir; repeat to compare runs side by side')
+  p.add_argument(
+    '--workdir',
+    required=True,
+    action='append',
+    help='training workdir; repeat to compare runs side by side',
+  )
   p.add_argument('--classifier', required=True, help='workdir of `fdiff train-classifier`')
   p.add_argument('--num-samples', type=int, default=1000, help='samples per run and guidance')
   p.add_argument('--sampler', default='dpm++', help='ddpm | ddim | dpm++')
@@ -291,13 +386,18 @@ def build_parser():
   p.add_argument('--guidance', default='0,1,2,4', help='CFG weights to sweep, e.g. 0,1,2,4')
   p.add_argument('--seed', type=int, default=0, help='noise and conditioning vectors')
   p.add_argument('--out-dir', help='where the report goes (default: FIRST_WORKDIR/eval)')
-  p.add_argument('--inception-weights', help='pytorch-fid pt_inception-2015-12-05-6726825d.pth or '
-                 '.npz (default: the cache, downloaded once when online)')
+  p.add_argument(
+    '--inception-weights',
+    help='pytorch-fid pt_inception-2015-12-05-6726825d.pth or '
+    '.npz (default: the cache, downloaded once when online)',
+  )
   p.add_argument('--no-fid', action='store_true', help='skip FID (no Inception weights needed)')
   p.add_argument('--batch-size', type=int, default=256, help='images per compiled batch')
   p.set_defaults(func=cmd_evaluate)
 
-  data = commands.add_parser('data', help='dataset tools').add_subparsers(dest='data_command', required=True)
+  data = commands.add_parser('data', help='dataset tools').add_subparsers(
+    dest='data_command', required=True
+  )
   p = data.add_parser('synth-celeba', help='write a synthetic CelebA in the official file layout')
   p.add_argument('dir')
   p.add_argument('--num', type=int, default=2000)
@@ -314,14 +414,15 @@ def main(argv=None):
   parser = build_parser()
   try:
     args, unknown = parser.parse_known_args(
-        _join_attribute_values(sys.argv[1:] if argv is None else argv))
+      _join_attribute_values(sys.argv[1:] if argv is None else argv)
+    )
   except SystemExit as e:  # --help, or a flag error already printed as one line.
     return e.code
   try:
     if getattr(args, 'takes_overrides', False):
       args.func(args, _config_overrides(unknown))
     elif unknown:
-      raise UserError(f"unrecognized arguments: {' '.join(unknown)}")
+      raise UserError(f'unrecognized arguments: {" ".join(unknown)}')
     else:
       args.func(args)
   except UserError as e:

@@ -1,10 +1,11 @@
 """Load an ml_collections config file and apply `a.b=value` overrides (`--config.a.b=value`)."""
+
 import difflib
 import importlib.util
 import json
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
@@ -14,19 +15,20 @@ from fdiff_jax.errors import UserError, lookup
 
 # Per field type: the parser ml_collections' config_flags uses for it, and what it accepts.
 _PARSERS = {
-    bool: (flags.BooleanParser(), 'true or false'),
-    int: (flags.IntegerParser(), 'an integer'),
-    float: (flags.FloatParser(), 'a number'),
-    str: (flags.ArgumentParser(), 'a string'),
-    tuple: (tuple_parser.TupleParser(), 'a tuple such as 1,2 or (1, 2)'),
+  bool: (flags.BooleanParser(), 'true or false'),
+  int: (flags.IntegerParser(), 'an integer'),
+  float: (flags.FloatParser(), 'a number'),
+  str: (flags.ArgumentParser(), 'a string'),
+  tuple: (tuple_parser.TupleParser(), 'a tuple such as 1,2 or (1, 2)'),
 }
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """Runs `get_config()` of the Python file at `path`."""
   if not os.path.isfile(path):
-    raise UserError(f'config file {path!r} not found; the shipped ones are in configs/, e.g. '
-                    'configs/digits.py')
+    raise UserError(
+      f'config file {path!r} not found; the shipped ones are in configs/, e.g. configs/digits.py'
+    )
   # Variants import their base (`from configs import default`): make the folder
   # holding the `configs` package importable, wherever the command runs from.
   folder = os.path.dirname(os.path.abspath(path))
@@ -50,8 +52,10 @@ def _check_key(config: ml_collections.ConfigDict, dotted_key: str) -> None:
   node, path = config, 'config'
   for name in dotted_key.split('.'):
     if not isinstance(node, ml_collections.ConfigDict):
-      raise UserError(f'unknown config field config.{dotted_key}: {path} is a single value '
-                      f'({node!r}), not a group of fields')
+      raise UserError(
+        f'unknown config field config.{dotted_key}: {path} is a single value '
+        f'({node!r}), not a group of fields'
+      )
     if name not in node:
       close = difflib.get_close_matches(name, list(node), n=3)
       hint = f'did you mean {", ".join(close)}?' if close else f'{path} has {", ".join(node)}'
@@ -64,8 +68,10 @@ def apply_override(config: ml_collections.ConfigDict, dotted_key: str, text: str
   _check_key(config, dotted_key)
   field_type = config_path.get_type(dotted_key, config)
   if field_type not in _PARSERS:
-    raise UserError(f'config.{dotted_key} is a {field_type.__name__}; only '
-                    f'{", ".join(t.__name__ for t in _PARSERS)} fields can be set from text')
+    raise UserError(
+      f'config.{dotted_key} is a {field_type.__name__}; only '
+      f'{", ".join(t.__name__ for t in _PARSERS)} fields can be set from text'
+    )
   parser, accepted = _PARSERS[field_type]
   try:
     value = parser.parse(text)
@@ -90,13 +96,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Catches the config mistakes that would otherwise fail late (after training) or deep (in XLA)."""
   # Imported here: these pull in jax, which loading a config file does not need.
   import jax.numpy as jnp
+
   from fdiff_jax import train_state
   from fdiff_jax.diffusion import losses, schedules, solvers
   from fdiff_jax.models import kernels
-  choices = {'diffusion.schedule': schedules.SCHEDULES, 'diffusion.prediction': losses.PREDICTIONS,
-             'model.kernels': kernels.CHOICES,
-             'sample.sampler': solvers.SAMPLERS, 'train.lr_schedule': train_state.LR_SCHEDULES,
-             'classifier.lr_schedule': train_state.LR_SCHEDULES}
+
+  choices = {
+    'diffusion.schedule': schedules.SCHEDULES,
+    'diffusion.prediction': losses.PREDICTIONS,
+    'model.kernels': kernels.CHOICES,
+    'sample.sampler': solvers.SAMPLERS,
+    'train.lr_schedule': train_state.LR_SCHEDULES,
+    'classifier.lr_schedule': train_state.LR_SCHEDULES,
+  }
   for key, registry in choices.items():
     value = _get(config, key)
     if value is not None:
@@ -105,23 +117,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
     try:
       jnp.dtype(_get(config, key))
     except TypeError:
-      raise UserError(f'config.{key} = {_get(config, key)!r} is not a dtype; use e.g. float32 '
-                      'or bfloat16') from None
-  for key in ('train.batch_size', 'train.num_steps', 'sample.steps', 'diffusion.timesteps',
-              'data.image_size', 'model.ch', 'model.num_heads'):
+      raise UserError(
+        f'config.{key} = {_get(config, key)!r} is not a dtype; use e.g. float32 or bfloat16'
+      ) from None
+  for key in (
+    'train.batch_size',
+    'train.num_steps',
+    'sample.steps',
+    'diffusion.timesteps',
+    'data.image_size',
+    'model.ch',
+    'model.num_heads',
+  ):
     value = _get(config, key)
     if value is not None and value < 1:
       raise UserError(f'config.{key} = {value} must be at least 1')
   m, size = config.model, config.data.image_size
   downsamplings = len(m.ch_mult) - 1
-  if size % 2 ** downsamplings:
-    raise UserError(f'config.data.image_size = {size} must be divisible by {2 ** downsamplings}: '
-                    f'the U-Net halves it {downsamplings} times (len(model.ch_mult) - 1)')
-  attended = [m.ch * mult for i, mult in enumerate(m.ch_mult)  # The middle block always attends.
-              if size // 2 ** i in m.attn_resolutions or i == downsamplings]
+  if size % 2**downsamplings:
+    raise UserError(
+      f'config.data.image_size = {size} must be divisible by {2**downsamplings}: '
+      f'the U-Net halves it {downsamplings} times (len(model.ch_mult) - 1)'
+    )
+  attended = [
+    m.ch * mult
+    for i, mult in enumerate(m.ch_mult)  # The middle block always attends.
+    if size // 2**i in m.attn_resolutions or i == downsamplings
+  ]
   if any(channels % m.num_heads for channels in attended):
-    raise UserError(f'config.model.num_heads = {m.num_heads} must divide the channels of every '
-                    f'level with attention, {attended}')
+    raise UserError(
+      f'config.model.num_heads = {m.num_heads} must divide the channels of every '
+      f'level with attention, {attended}'
+    )
 
 
 def _get(config, dotted_key):
@@ -140,10 +167,12 @@ def config_to_json(config):
 
 def config_from_json(text):
   """Inverse of config_to_json (lists become tuples again, as configs use them)."""
+
   def tuples(obj):
     if isinstance(obj, dict):
       return {k: tuples(v) for k, v in obj.items()}
     if isinstance(obj, list):
       return tuple(tuples(v) for v in obj)
     return obj
+
   return ml_collections.ConfigDict(tuples(json.loads(text)))

@@ -19,13 +19,18 @@ Both were measured with `fdiff bench` on a 2-core Xeon (README, Performance):
 Flags and tunables the user has already set are left alone, and
 FDIFF_NO_CPU_TUNING=1 leaves XLA and glibc at their own defaults (to compare).
 """
+
 import importlib.metadata
 import os
 import sys
 
 # jaxlib (major, minor) -> XLA:CPU flags measured to help there.
-XLA_CPU_FLAGS = {(0, 10): ('--xla_cpu_experimental_ynn_fusion_type='
-                           'LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',)}
+XLA_CPU_FLAGS = {
+  (0, 10): (
+    '--xla_cpu_experimental_ynn_fusion_type='
+    'LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
+  )
+}
 HUGE_PAGES = 'glibc.malloc.hugetlb=1'
 
 
@@ -60,8 +65,9 @@ def set_xla_flags():
   """Adds our XLA:CPU defaults to XLA_FLAGS; effective only before JAX's backends start."""
   if _opted_out():
     return
-  os.environ['XLA_FLAGS'] = with_default_xla_flags(os.environ.get('XLA_FLAGS', ''),
-                                                   jaxlib_version())
+  os.environ['XLA_FLAGS'] = with_default_xla_flags(
+    os.environ.get('XLA_FLAGS', ''), jaxlib_version()
+  )
 
 
 def _glibc():

@@ -5,7 +5,8 @@ the message as one line and exits with code 2. Everything else is a bug and
 keeps its traceback.
 """
 
-from typing import Mapping, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 
 T = TypeVar('T')
 

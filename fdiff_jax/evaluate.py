@@ -15,22 +15,23 @@ An unconditional workdir ignores attributes and guidance: it is sampled once
 and reported with guidance null, the baseline the conditional runs beat.
 Writes report.json, report.md and report.png.
 """
+
 import dataclasses
 import hashlib
 import json
 import os
 import time
-from typing import Optional
 
 import numpy as np
 from absl import logging
 
-from fdiff_jax import checkpoints, classifier as classifier_lib, images
+from fdiff_jax import checkpoints, images
+from fdiff_jax import classifier as classifier_lib
+from fdiff_jax.batching import map_batches
 from fdiff_jax.data import attributes as attributes_lib
 from fdiff_jax.data import pipeline
 from fdiff_jax.errors import UserError
 from fdiff_jax.metrics import fid, inception, plot
-from fdiff_jax.batching import map_batches
 from fdiff_jax.sampler import Sampler
 
 CACHE_DIR = 'eval_cache'
@@ -55,7 +56,9 @@ def cached(path, key, compute):
 
 
 def _cache_path(workdir, kind, key):
-  return os.path.join(workdir, CACHE_DIR, f'{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz')
+  return os.path.join(
+    workdir, CACHE_DIR, f'{kind}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz'
+  )
 
 
 def _data_key(config):
@@ -68,10 +71,12 @@ def classifier_reference(workdir, config, clf, batch_size):
   key = f'classifier|{os.path.abspath(clf.workdir)}|{clf.step}|{_data_key(config)}'
 
   def compute():
-    predicted, targets, stats = clf.run_on_split(config, transform=uint8_round_trip,
-                                                 batch_size=batch_size)
+    predicted, targets, stats = clf.run_on_split(
+      config, transform=uint8_round_trip, batch_size=batch_size
+    )
     mu, sigma = stats.mean_and_covariance()
     return {'mu': mu, 'sigma': sigma, 'predicted': predicted, 'targets': targets}
+
   return cached(_cache_path(workdir, 'classifier', key), key, compute)
 
 
@@ -86,6 +91,7 @@ def inception_reference(workdir, config, feature_fn, weights_id, batch_size):
         stats.update(_features(feature_fn, uint8_round_trip(batch['image']), batch_size))
     mu, sigma = stats.mean_and_covariance()
     return {'mu': mu, 'sigma': sigma, 'count': np.int64(stats.count)}
+
   return cached(_cache_path(workdir, 'inception', key), key, compute)
 
 
@@ -103,8 +109,12 @@ def conditioning(targets, names, informative, one_hot, num_samples, seed):
   """
   rng = np.random.default_rng(seed)
   realistic = targets[rng.choice(len(targets), num_samples, replace=len(targets) < num_samples)]
-  prompts = [p for i, name in enumerate(names) if informative[i]
-             for p in ((name,) if one_hot else (name, f'-{name}'))]
+  prompts = [
+    p
+    for i, name in enumerate(names)
+    if informative[i]
+    for p in ((name,) if one_hot else (name, f'-{name}'))
+  ]
   single = np.stack([attributes_lib.parse_attributes(p, names) for p in prompts])
   return realistic.astype(np.float32), np.repeat(single, -(-num_samples // len(single)), axis=0)
 
@@ -112,9 +122,10 @@ def conditioning(targets, names, informative, one_hot, num_samples, seed):
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What every run is evaluated with."""
+
   num_samples: int
   sampler: str
-  steps: Optional[int]
+  steps: int | None
   guidance: list
   seed: int
   batch_size: int
@@ -123,6 +134,7 @@ class Settings:
 @dataclasses.dataclass
 class Run:
   """A workdir ready to evaluate: its sampler, conditioning vectors and real-data references."""
+
   workdir: str
   name: str
   step: int
@@ -133,7 +145,7 @@ class Run:
   single: np.ndarray
   ceiling: dict
   reference_count: int
-  inception_ref: Optional[tuple] = None
+  inception_ref: tuple | None = None
 
   @property
   def config(self):
@@ -152,8 +164,11 @@ def _sample_and_classify(run, clf, vectors, guidance, settings):
   Image i starts from noise i of the seed, for the realistic and the single-prompt
   vectors alike; `guidance` None (an unconditional model) means no guidance.
   """
-  samples = uint8_round_trip(run.sampler.sample(vectors, seed=settings.seed, guidance=guidance,
-                                                solver=settings.sampler, steps=settings.steps))
+  samples = uint8_round_trip(
+    run.sampler.sample(
+      vectors, seed=settings.seed, guidance=guidance, solver=settings.sampler, steps=settings.steps
+    )
+  )
   return (samples, *clf(samples, settings.batch_size))
 
 
@@ -163,19 +178,27 @@ def evaluate_point(run, clf, feature_fn, guidance, settings, out_dir):
   w = 1.0 if guidance is None else guidance
   samples, predicted, features = _sample_and_classify(run, clf, run.realistic, w, settings)
   _, single_predicted, _ = _sample_and_classify(run, clf, run.single, w, settings)
-  row = {'guidance': guidance, 'num_samples': len(samples),
-         'classifier_fd': fid.frechet_distance(*fid.statistics(features)[:2], *run.classifier_ref),
-         'fid': None,
-         'attribute_accuracy': _accuracy(predicted, run.realistic, run.informative, clf),
-         'single_attribute_accuracy': _accuracy(single_predicted, run.single, run.informative, clf)}
+  row = {
+    'guidance': guidance,
+    'num_samples': len(samples),
+    'classifier_fd': fid.frechet_distance(*fid.statistics(features)[:2], *run.classifier_ref),
+    'fid': None,
+    'attribute_accuracy': _accuracy(predicted, run.realistic, run.informative, clf),
+    'single_attribute_accuracy': _accuracy(single_predicted, run.single, run.informative, clf),
+  }
   if feature_fn is not None:
     sample_stats = fid.statistics(_features(feature_fn, samples, settings.batch_size))
     row['fid'] = fid.frechet_distance(*sample_stats[:2], *run.inception_ref)
   row['wall_time_s'] = time.perf_counter() - start
-  grid = images.make_grid(images.to_uint8(samples[:64]), rows=int(np.ceil(min(len(samples), 64) ** 0.5)))
+  grid = images.make_grid(
+    images.to_uint8(samples[:64]), rows=int(np.ceil(min(len(samples), 64) ** 0.5))
+  )
   name = 'uncond' if guidance is None else f'w{guidance:g}'
-  images.save_png(os.path.join(out_dir, 'samples', f'{run.name}_{name}.png'), grid,
-                  scale=max(1, 512 // grid.shape[0]))
+  images.save_png(
+    os.path.join(out_dir, 'samples', f'{run.name}_{name}.png'),
+    grid,
+    scale=max(1, 512 // grid.shape[0]),
+  )
   return row
 
 
@@ -207,39 +230,71 @@ def prepare_run(workdir, clf, settings):
   config, model, params, step = loaded.config, loaded.model, loaded.params, loaded.step
   names = tuple(pipeline.attribute_names(config))
   if names != clf.attribute_names:
-    raise UserError(f'{workdir} is a {config.data.dataset} model but the classifier was trained on '
-                    f'{clf.config.data.dataset}; train a classifier on the same dataset')
+    raise UserError(
+      f'{workdir} is a {config.data.dataset} model but the classifier was trained on '
+      f'{clf.config.data.dataset}; train a classifier on the same dataset'
+    )
   ref = classifier_reference(workdir, config, clf, settings.batch_size)
   informative = informative_attributes(ref['targets'], clf.one_hot)
-  realistic, single = conditioning(ref['targets'], names, informative, clf.one_hot,
-                                   settings.num_samples, settings.seed)
-  return Run(workdir=workdir, name=os.path.basename(os.path.normpath(workdir)), step=step,
-             sampler=Sampler(config, model, params, batch_size=settings.batch_size),
-             classifier_ref=(ref['mu'], ref['sigma']), informative=informative,
-             realistic=realistic, single=single,
-             ceiling=_accuracy(ref['predicted'], ref['targets'], informative, clf),
-             reference_count=len(ref['targets']))
+  realistic, single = conditioning(
+    ref['targets'], names, informative, clf.one_hot, settings.num_samples, settings.seed
+  )
+  return Run(
+    workdir=workdir,
+    name=os.path.basename(os.path.normpath(workdir)),
+    step=step,
+    sampler=Sampler(config, model, params, batch_size=settings.batch_size),
+    classifier_ref=(ref['mu'], ref['sigma']),
+    informative=informative,
+    realistic=realistic,
+    single=single,
+    ceiling=_accuracy(ref['predicted'], ref['targets'], informative, clf),
+    reference_count=len(ref['targets']),
+  )
 
 
-def evaluate(workdirs, classifier_dir, *, num_samples=1000, sampler='dpm++', steps=None,
-             guidance=(0.0, 1.0, 2.0, 4.0), seed=0, out_dir=None, inception_weights=None,
-             compute_fid=True, batch_size=256):
+def evaluate(
+  workdirs,
+  classifier_dir,
+  *,
+  num_samples=1000,
+  sampler='dpm++',
+  steps=None,
+  guidance=(0.0, 1.0, 2.0, 4.0),
+  seed=0,
+  out_dir=None,
+  inception_weights=None,
+  compute_fid=True,
+  batch_size=256,
+):
   """Evaluates every workdir at every guidance; writes report.json/.md/.png; returns the report."""
   if num_samples < 2:
     raise UserError(f'num_samples = {num_samples}: need at least 2 samples for a covariance')
   out_dir = out_dir or os.path.join(workdirs[0], 'eval')
-  settings = Settings(num_samples=num_samples, sampler=sampler, steps=steps,
-                      guidance=[float(w) for w in guidance], seed=seed, batch_size=batch_size)
+  settings = Settings(
+    num_samples=num_samples,
+    sampler=sampler,
+    steps=steps,
+    guidance=[float(w) for w in guidance],
+    seed=seed,
+    batch_size=batch_size,
+  )
   clf = classifier_lib.load_classifier(classifier_dir)
   feature_fn, weights_id, fid_message = resolve_inception(inception_weights, compute_fid)
   if fid_message:
     logging.warning('%s', fid_message)
-  report = {'settings': dataclasses.asdict(settings),
-            'out_dir': os.path.abspath(out_dir),
-            'classifier': {'workdir': os.path.abspath(classifier_dir), 'step': clf.step},
-            'fid': {'available': feature_fn is not None, 'weights': weights_id, 'message': fid_message,
-                    'reference': 'FID Inception-v3 pool3 (pytorch-fid port of TF inception-2015-12-05)'},
-            'runs': []}
+  report = {
+    'settings': dataclasses.asdict(settings),
+    'out_dir': os.path.abspath(out_dir),
+    'classifier': {'workdir': os.path.abspath(classifier_dir), 'step': clf.step},
+    'fid': {
+      'available': feature_fn is not None,
+      'weights': weights_id,
+      'message': fid_message,
+      'reference': 'FID Inception-v3 pool3 (pytorch-fid port of TF inception-2015-12-05)',
+    },
+    'runs': [],
+  }
   for workdir in workdirs:
     run = prepare_run(workdir, clf, settings)
     if feature_fn is not None:
@@ -250,13 +305,20 @@ def evaluate(workdirs, classifier_dir, *, num_samples=1000, sampler='dpm++', ste
     for w in scales:
       rows.append(evaluate_point(run, clf, feature_fn, w, settings, out_dir))
       logging.info('%s guidance %s: %s', run.name, w, rows[-1])
-    report['runs'].append({
-        'workdir': os.path.abspath(workdir), 'name': run.name, 'step': run.step,
-        'conditional': run.sampler.conditional, 'dataset': run.config.data.dataset,
+    report['runs'].append(
+      {
+        'workdir': os.path.abspath(workdir),
+        'name': run.name,
+        'step': run.step,
+        'conditional': run.sampler.conditional,
+        'dataset': run.config.data.dataset,
         'image_size': run.config.data.image_size,
         'reference': {'split': run.config.data.eval_split, 'count': run.reference_count},
         'scored_attributes': [n for n, s in zip(clf.attribute_names, run.informative) if s],
-        'classifier_ceiling': run.ceiling, 'results': rows})
+        'classifier_ceiling': run.ceiling,
+        'results': rows,
+      }
+    )
   write_report(report, out_dir)
   return report
 
@@ -267,19 +329,24 @@ def _number(value, digits=2):
 
 def markdown_table(report):
   """The report as a Markdown table, one row per (run, guidance)."""
-  lines = ['| run | step | guidance | samples | FID | classifier FD | attr. acc. (real vectors) '
-           '| attr. acc. (single prompts) | classifier ceiling | wall s |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  lines = [
+    '| run | step | guidance | samples | FID | classifier FD | attr. acc. (real vectors) '
+    '| attr. acc. (single prompts) | classifier ceiling | wall s |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+  ]
   for run in report['runs']:
     for row in run['results']:
-      w = 'uncond.' if row['guidance'] is None else f"{row['guidance']:g}"
+      w = 'uncond.' if row['guidance'] is None else f'{row["guidance"]:g}'
       lines.append(
-          f"| {run['name']} | {run['step']} | {w} | {row['num_samples']} | {_number(row['fid'])} "
-          f"| {_number(row['classifier_fd'], 3)} | {_number(row['attribute_accuracy']['mean'], 3)} "
-          f"| {_number(row['single_attribute_accuracy']['mean'], 3)} "
-          f"| {_number(run['classifier_ceiling']['mean'], 3)} | {row['wall_time_s']:.0f} |")
-  notes = ['FID and classifier FD: the samples column against the whole validation split, both '
-           'uint8 round-tripped; FID is only comparable at equal sample counts.']
+        f'| {run["name"]} | {run["step"]} | {w} | {row["num_samples"]} | {_number(row["fid"])} '
+        f'| {_number(row["classifier_fd"], 3)} | {_number(row["attribute_accuracy"]["mean"], 3)} '
+        f'| {_number(row["single_attribute_accuracy"]["mean"], 3)} '
+        f'| {_number(run["classifier_ceiling"]["mean"], 3)} | {row["wall_time_s"]:.0f} |'
+      )
+  notes = [
+    'FID and classifier FD: the samples column against the whole validation split, both '
+    'uint8 round-tripped; FID is only comparable at equal sample counts.'
+  ]
   if report['fid']['message']:
     notes.append(report['fid']['message'])
   return '\n'.join(lines + [''] + notes) + '\n'
@@ -287,17 +354,26 @@ def markdown_table(report):
 
 def plot_report(report):
   """FID / classifier FD and attribute accuracy vs guidance, one line per run."""
+
   def series(metric, dashed_ceiling=False):
     out = []
     for run in report['runs']:
       xs = [r['guidance'] if r['guidance'] is not None else 1.0 for r in run['results']]
       out.append((run['name'], xs, [metric(r) for r in run['results']], not run['conditional']))
       if dashed_ceiling:
-        out.append((f"{run['name']} ceiling", xs[:1], [run['classifier_ceiling']['mean']], True))
+        out.append((f'{run["name"]} ceiling', xs[:1], [run['classifier_ceiling']['mean']], True))
     return out
-  panels = [plot.line_chart('classifier Frechet distance', 'guidance', series(lambda r: r['classifier_fd'])),
-            plot.line_chart('attribute accuracy (real vectors)', 'guidance',
-                            series(lambda r: r['attribute_accuracy']['mean'], dashed_ceiling=True))]
+
+  panels = [
+    plot.line_chart(
+      'classifier Frechet distance', 'guidance', series(lambda r: r['classifier_fd'])
+    ),
+    plot.line_chart(
+      'attribute accuracy (real vectors)',
+      'guidance',
+      series(lambda r: r['attribute_accuracy']['mean'], dashed_ceiling=True),
+    ),
+  ]
   if report['fid']['available']:
     panels.insert(0, plot.line_chart('FID', 'guidance', series(lambda r: r['fid'])))
   return plot.side_by_side(panels)

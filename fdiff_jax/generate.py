@@ -5,8 +5,9 @@ also defines how seeds become noise) and returns numpy images in [-1, 1]
 ([..., H, W, C]), so notebooks, the `fdiff` CLI and the demo share them.
 Plain sampling is `Sampler.sample` itself.
 """
+
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +28,9 @@ def attribute_vector(config, text: str) -> np.ndarray:
   try:
     vector = attributes_lib.parse_attributes(text, names)
   except UserError as e:
-    raise UserError(f'{e} (this model knows the {len(names)} attributes of dataset '
-                    f"'{config.data.dataset}')") from None
+    raise UserError(
+      f"{e} (this model knows the {len(names)} attributes of dataset '{config.data.dataset}')"
+    ) from None
   return check_attributes(config, vector[None])[0]
 
 
@@ -42,11 +44,14 @@ def parse_guidance(text: str) -> list[float]:
   try:
     values = [float(item) for item in text.split(',')]
   except ValueError:
-    raise UserError(f'guidance {text!r} is not a comma-separated list of numbers '
-                    'such as 1,2,4') from None
+    raise UserError(
+      f'guidance {text!r} is not a comma-separated list of numbers such as 1,2,4'
+    ) from None
   if not all(np.isfinite(w) and w >= 0 for w in values):
-    raise UserError(f'guidance {text!r}: every w must be a finite number >= 0 '
-                    '(0 unconditional, 1 plain conditional)')
+    raise UserError(
+      f'guidance {text!r}: every w must be a finite number >= 0 '
+      '(0 unconditional, 1 plain conditional)'
+    )
   return values
 
 
@@ -61,8 +66,9 @@ def load_image(path: str, config) -> np.ndarray:
   return pipeline.preprocess_image(array.reshape(array.shape[:2] + (channels,)), config)
 
 
-def guidance_sweep(sampler: Sampler, attributes, guidances: Sequence[float], *, num: int,
-                   seed: int = 0, **options) -> np.ndarray:
+def guidance_sweep(
+  sampler: Sampler, attributes, guidances: Sequence[float], *, num: int, seed: int = 0, **options
+) -> np.ndarray:
   """[G, R, num, H, W, C]: `num` samples per attribute row [R, A] at each guidance w.
 
   Column n of every row and every w starts from the same noise, so rows differ
@@ -76,9 +82,17 @@ def guidance_sweep(sampler: Sampler, attributes, guidances: Sequence[float], *, 
   return np.stack(samples).reshape((len(guidances), len(attributes), num) + x_T.shape[1:])
 
 
-def interpolate(sampler: Sampler, start: np.ndarray, end: np.ndarray, *, frames: int,
-                seeds: Sequence[int], guidance: Optional[float] = None,
-                solver: Optional[str] = None, steps: Optional[int] = None) -> np.ndarray:
+def interpolate(
+  sampler: Sampler,
+  start: np.ndarray,
+  end: np.ndarray,
+  *,
+  frames: int,
+  seeds: Sequence[int],
+  guidance: float | None = None,
+  solver: str | None = None,
+  steps: int | None = None,
+) -> np.ndarray:
   """[S, F, H, W, C]: per seed, frames moving the attributes linearly from `start` to `end` [A].
 
   Every frame of a seed starts from that seed's noise 0 and the solver is
@@ -88,17 +102,22 @@ def interpolate(sampler: Sampler, start: np.ndarray, end: np.ndarray, *, frames:
   """
   solver = solver or sampler.config.sample.sampler
   if solver == 'ddpm':
-    raise UserError('interpolation needs a deterministic sampler (ddim or dpm++), got ddpm: '
-                    'fresh noise per step would change the face')
+    raise UserError(
+      'interpolation needs a deterministic sampler (ddim or dpm++), got ddpm: '
+      'fresh noise per step would change the face'
+    )
   if frames < 2 or not seeds:
-    raise UserError(f'interpolation needs at least 2 frames and one seed, got {frames} frames '
-                    f'and seeds {list(seeds)}')
+    raise UserError(
+      f'interpolation needs at least 2 frames and one seed, got {frames} frames '
+      f'and seeds {list(seeds)}'
+    )
   start, end = check_attributes(sampler.config, np.stack([start, end]))
   weights = np.linspace(0.0, 1.0, frames, dtype=np.float32)[:, None]
   path = (1.0 - weights) * start + weights * end  # Exactly start and end at the ends.
   x_T = np.concatenate([np.repeat(sampler.noise(s, 1), frames, axis=0) for s in seeds])
-  out = sampler.sample(np.tile(path, (len(seeds), 1)), x_T=x_T, guidance=guidance,
-                       solver=solver, steps=steps, eta=0.0)
+  out = sampler.sample(
+    np.tile(path, (len(seeds), 1)), x_T=x_T, guidance=guidance, solver=solver, steps=steps, eta=0.0
+  )
   return out.reshape((len(seeds), frames) + x_T.shape[1:])
 
 
@@ -111,9 +130,18 @@ def inversion_grid(config, steps: int) -> dict:
   return dict(steps=min(steps, start + 1), start=start)
 
 
-def edit(sampler: Sampler, images, source, target, *, method: str = 'inversion',
-         strength: float = 0.5, guidance: Optional[float] = None, steps: Optional[int] = None,
-         seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def edit(
+  sampler: Sampler,
+  images,
+  source,
+  target,
+  *,
+  method: str = 'inversion',
+  strength: float = 0.5,
+  guidance: float | None = None,
+  steps: int | None = None,
+  seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
   """(reconstructions, edits), each [N, H, W, C], of images [N, H, W, C] in [-1, 1].
 
   'inversion': DDIM-invert under the source attributes [N, A] without guidance
@@ -128,8 +156,9 @@ def edit(sampler: Sampler, images, source, target, *, method: str = 'inversion',
   images = np.asarray(images, np.float32)
   steps = steps or config.sample.steps
   n = len(source)
-  edit_w = np.broadcast_to(np.float32(config.sample.guidance if guidance is None else guidance),
-                           (n,))
+  edit_w = np.broadcast_to(
+    np.float32(config.sample.guidance if guidance is None else guidance), (n,)
+  )
   if method == 'inversion':
     grid = inversion_grid(config, steps)
     latents = sampler.invert(images, source, guidance=1.0, **grid)
@@ -138,18 +167,27 @@ def edit(sampler: Sampler, images, source, target, *, method: str = 'inversion',
     (latents, options), source_w = _sdedit_start(sampler, images, strength, steps, seed), edit_w
   else:
     raise UserError(f'unknown edit method {method!r}; use one of {", ".join(EDIT_METHODS)}')
-  out = sampler.sample(np.concatenate([source, target]), x_T=np.concatenate([latents, latents]),
-                       seed=seed, guidance=np.concatenate([source_w, edit_w]), solver='ddim',
-                       eta=0.0, **options)
+  out = sampler.sample(
+    np.concatenate([source, target]),
+    x_T=np.concatenate([latents, latents]),
+    seed=seed,
+    guidance=np.concatenate([source_w, edit_w]),
+    solver='ddim',
+    eta=0.0,
+    **options,
+  )
   return out[:n], out[n:]
 
 
 def predicted_attributes(config, images: np.ndarray, classifier_dir: str) -> np.ndarray:
   """Attributes [N, A] of images [N, H, W, C] read by the classifier trained in `classifier_dir`."""
   if not os.path.isdir(os.path.join(classifier_dir, 'checkpoints')):
-    raise UserError(f'no trained attribute classifier in {classifier_dir!r}; give the photo\'s '
-                    'attributes with --source "..." or train one with `fdiff train-classifier`')
+    raise UserError(
+      f"no trained attribute classifier in {classifier_dir!r}; give the photo's "
+      'attributes with --source "..." or train one with `fdiff train-classifier`'
+    )
   from fdiff_jax import classifier  # Lazy: only --source auto needs it.
+
   return check_attributes(config, classifier.predict_attributes(classifier_dir, images))
 
 
@@ -160,7 +198,8 @@ def _sdedit_start(sampler, images, strength, steps, seed):
   schedule = config_schedule(sampler.config)
   start = max(round(strength * schedule.num_timesteps), 1) - 1
   noise = sampler.noise(seed, len(images))
-  x_start = diffusion.q_sample(schedule, jnp.asarray(images), jnp.full((len(images),), start),
-                               noise)
+  x_start = diffusion.q_sample(
+    schedule, jnp.asarray(images), jnp.full((len(images),), start), noise
+  )
   steps = min(max(round(strength * steps), 1), start + 1)
   return np.asarray(x_start), dict(steps=steps, start=start)

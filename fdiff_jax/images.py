@@ -1,4 +1,5 @@
 """Image file boundaries: [-1, 1] float arrays <-> uint8, grids, PNG and GIF."""
+
 import io
 import os
 
@@ -20,7 +21,9 @@ def make_grid(images, rows, pad=2):
   grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
   for i, img in enumerate(images):
     r, q = divmod(i, cols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
+    grid[
+      pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w
+    ] = img
   return grid
 
 
@@ -55,9 +58,12 @@ def save_png(path, image, scale=1):
 
 def save_gif(path, frames, duration_ms=120, scale=1):
   imgs = [_scaled(f, scale) for f in frames]
-  write_atomically(path, lambda f: imgs[0].save(f, format='GIF', save_all=True,
-                                                append_images=imgs[1:], duration=duration_ms,
-                                                loop=0))
+  write_atomically(
+    path,
+    lambda f: imgs[0].save(
+      f, format='GIF', save_all=True, append_images=imgs[1:], duration=duration_ms, loop=0
+    ),
+  )
 
 
 def grid_image(images):

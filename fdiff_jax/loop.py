@@ -6,6 +6,7 @@ a NaN/Inf loss, and clu plus console progress. A trainer brings its state's
 init function, a jitted step and its batches; `config[section]` says how long
 to train and how often to log and checkpoint.
 """
+
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ class _Preemption:
   def __enter__(self):
     def handler(signum, frame):
       self.raised = True
+
     if jax.process_count() == 1:
       try:
         self._previous = signal.signal(signal.SIGTERM, handler)
@@ -79,8 +81,10 @@ class _ConsoleLog:
     self.last_step, self.last_time = step, now
     eta = (self.num_steps - step) / max(rate, 1e-9)
     metrics = '  '.join(f'{k}={v:.4g}' for k, v in summary.items())
-    print(f'step {step}/{self.num_steps}  {metrics}  {rate:.2f} steps/s  ETA {eta / 60:.1f} min',
-          flush=True)
+    print(
+      f'step {step}/{self.num_steps}  {metrics}  {rate:.2f} steps/s  ETA {eta / 60:.1f} min',
+      flush=True,
+    )
 
 
 def _check_finite(pending, manager, section):
@@ -95,10 +99,15 @@ def _check_finite(pending, manager, section):
       for bad in [s for s in manager.all_steps() if s >= step - 1]:
         manager.delete(bad)
       good = manager.latest_step()
-      kept = (f'the last good checkpoint (step {good}) is intact' if good is not None
-              else 'no checkpoint was saved before it')
-      raise TrainingDiverged(f'loss is {m["loss"]} at step {step}; stopped, {kept}; lower '
-                             f'--config.{section}.learning_rate or check the data')
+      kept = (
+        f'the last good checkpoint (step {good}) is intact'
+        if good is not None
+        else 'no checkpoint was saved before it'
+      )
+      raise TrainingDiverged(
+        f'loss is {m["loss"]} at step {step}; stopped, {kept}; lower '
+        f'--config.{section}.learning_rate or check the data'
+      )
 
 
 def _start(manager, init_fn, sharding):
@@ -110,11 +119,17 @@ def _start(manager, init_fn, sharding):
   return state
 
 
-def run(config: ml_collections.ConfigDict, section: str, workdir: str,
-        init_fn: Callable[[], Any], step_fn: Callable[[Any, Any], tuple[Any, dict]],
-        batches: Callable[[int], Iterator[dict]], mesh: Mesh,
-        writer: metric_writers.MetricWriter,
-        on_step: Callable[[int, Any], None] | None = None) -> tuple[Any, list[dict]]:
+def run(
+  config: ml_collections.ConfigDict,
+  section: str,
+  workdir: str,
+  init_fn: Callable[[], Any],
+  step_fn: Callable[[Any, Any], tuple[Any, dict]],
+  batches: Callable[[int], Iterator[dict]],
+  mesh: Mesh,
+  writer: metric_writers.MetricWriter,
+  on_step: Callable[[int, Any], None] | None = None,
+) -> tuple[Any, list[dict]]:
   """Trains to `config[section].num_steps` in `workdir`, resuming where its checkpoints stop.
 
   `init_fn()` makes step 0's state (with `step` and `params` fields);
@@ -153,7 +168,7 @@ def run(config: ml_collections.ConfigDict, section: str, workdir: str,
           checkpoints.save(manager, step, state)
         if log_now:
           summary = {k: float(np.mean([m[k] for _, m in pending])) for k in pending[0][1]}
-          writer.write_scalars(step, summary)   # ReportProgress adds steps_per_sec and ETA.
+          writer.write_scalars(step, summary)  # ReportProgress adds steps_per_sec and ETA.
           if main:
             console.log(step, summary)
           history.append({'step': step, **summary})

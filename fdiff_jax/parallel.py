@@ -6,6 +6,7 @@ sharded along it, parameters and optimizer state are replicated. Several
 processes (hosts) join JAX's multi-controller runtime first with
 `initialize_distributed`.
 """
+
 import contextlib
 import glob
 import os
@@ -14,7 +15,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fdiff_jax.errors import UserError
 
@@ -40,8 +42,9 @@ def check_global_batch(global_batch, mesh):
   n = mesh.devices.size
   if global_batch % n or global_batch % jax.process_count():
     raise UserError(
-        f'global batch size {global_batch} does not divide over {n} devices in '
-        f'{jax.process_count()} process(es); set config.train.batch_size to a multiple of {n}')
+      f'global batch size {global_batch} does not divide over {n} devices in '
+      f'{jax.process_count()} process(es); set config.train.batch_size to a multiple of {n}'
+    )
 
 
 def global_batch(local_batch, mesh):
@@ -84,23 +87,30 @@ def _managed_cluster():
 
 def _explicit_settings(coordinator_address, num_processes, process_id):
   """The three settings from arguments or FDIFF_* variables: all of them, or None if none is set."""
-  settings = {'coordinator_address': _setting(coordinator_address, 'coordinator_address'),
-              'num_processes': _setting(num_processes, 'num_processes', int),
-              'process_id': _setting(process_id, 'process_id', int)}
+  settings = {
+    'coordinator_address': _setting(coordinator_address, 'coordinator_address'),
+    'num_processes': _setting(num_processes, 'num_processes', int),
+    'process_id': _setting(process_id, 'process_id', int),
+  }
   given = [name for name, value in settings.items() if value is not None]
   if not given:
     return None
   if len(given) < len(settings):
-    raise UserError('multi-process training needs all of coordinator_address, num_processes '
-                    f'and process_id (flags or FDIFF_* variables); got only {", ".join(given)}')
+    raise UserError(
+      'multi-process training needs all of coordinator_address, num_processes '
+      f'and process_id (flags or FDIFF_* variables); got only {", ".join(given)}'
+    )
   if not 0 <= settings['process_id'] < settings['num_processes']:
-    raise UserError(f'process_id {settings["process_id"]} is not in '
-                    f'[0, num_processes {settings["num_processes"]})')
+    raise UserError(
+      f'process_id {settings["process_id"]} is not in '
+      f'[0, num_processes {settings["num_processes"]})'
+    )
   return settings
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
-                           local_device_ids=None):
+def initialize_distributed(
+  coordinator_address=None, num_processes=None, process_id=None, local_device_ids=None
+):
   """Joins JAX's multi-controller runtime when this is one of several processes.
 
   Explicit settings (arguments, else FDIFF_COORDINATOR_ADDRESS,
@@ -119,10 +129,17 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     jax.distributed.initialize(**(explicit or {}), local_device_ids=device_ids)
   except jax.errors.JaxRuntimeError as e:
     reason = (str(e).strip() or type(e).__name__).splitlines()[0]
-    raise UserError(f'could not join the JAX distributed runtime ({reason}); check that every '
-                    'process got the same coordinator address and process count') from None
-  logging.info('Process %d of %d: %d local of %d devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+    raise UserError(
+      f'could not join the JAX distributed runtime ({reason}); check that every '
+      'process got the same coordinator address and process count'
+    ) from None
+  logging.info(
+    'Process %d of %d: %d local of %d devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 

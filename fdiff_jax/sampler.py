@@ -19,10 +19,12 @@ Deterministic solvers (DDIM with eta 0, DPM-Solver++) then give the same image
 for the same seed and attributes in any call, to float rounding (~1e-5): XLA's
 kernels may round differently by batch shape and position in the batch.
 """
+
 import copy
 import dataclasses
 import sys
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,7 +36,7 @@ from fdiff_jax.data import pipeline
 from fdiff_jax.errors import UserError
 
 DEFAULT_BATCH_SIZE = 32
-Guidance = Union[None, float, np.ndarray]
+Guidance = float | np.ndarray | None
 
 # DDIM inversion stops at the last timestep whose alpha_bar is at least this: sampling
 # back divides by sqrt(alpha_bar), which amplifies the inversion's eps mismatch (the
@@ -43,21 +45,22 @@ Guidance = Union[None, float, np.ndarray]
 MIN_INVERSION_ALPHA_BAR = 1e-3
 
 
-def default_steps(config, sampler: str, steps: Optional[int] = None,
-                  num_timesteps: Optional[int] = None) -> int:
+def default_steps(
+  config, sampler: str, steps: int | None = None, num_timesteps: int | None = None
+) -> int:
   """`steps`, else every timestep for ancestral DDPM, else config.sample.steps."""
   if steps:
     return int(steps)
   return (num_timesteps or config.diffusion.timesteps) if sampler == 'ddpm' else config.sample.steps
 
 
-def config_schedule(config, start: Optional[int] = None) -> diffusion.Schedule:
+def config_schedule(config, start: int | None = None) -> diffusion.Schedule:
   """The noise schedule the model was trained with, truncated after timestep `start` if given.
 
   Per-timestep arrays keep their indices, so t stays meaningful.
   """
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
-  return schedule if start is None else jax.tree.map(lambda a: a[:start + 1], schedule)
+  return schedule if start is None else jax.tree.map(lambda a: a[: start + 1], schedule)
 
 
 def inversion_start(config) -> int:
@@ -77,11 +80,14 @@ def check_attributes(config, attributes) -> np.ndarray:
   attributes = np.asarray(attributes, np.float32)
   names = pipeline.attribute_names(config)
   if attributes.ndim != 2 or attributes.shape[1] != len(names):
-    raise UserError(f'attribute vectors of shape {attributes.shape} do not fit this model: it '
-                    f"knows the {len(names)} attributes of dataset '{config.data.dataset}'")
+    raise UserError(
+      f'attribute vectors of shape {attributes.shape} do not fit this model: it '
+      f"knows the {len(names)} attributes of dataset '{config.data.dataset}'"
+    )
   if not config.model.conditional and attributes.any():
-    raise UserError('this model is unconditional (trained without attributes); '
-                    'leave the attributes empty')
+    raise UserError(
+      'this model is unconditional (trained without attributes); leave the attributes empty'
+    )
   return attributes
 
 
@@ -92,11 +98,12 @@ class Options:
   `start` < T-1 runs the process truncated at timestep `start`, so x_T is then
   x_start (SDEdit, or sampling back a DDIM inversion with eta 0 and clip_x0 False).
   """
+
   solver: str
   steps: int
   eta: float = 0.0
   clip_x0: bool = True
-  start: Optional[int] = None
+  start: int | None = None
 
 
 class Sampler:
@@ -107,8 +114,15 @@ class Sampler:
   `progress(done, total)` hears about each finished batch of a call.
   """
 
-  def __init__(self, config, model: nn.Module, params: Any, *,
-               batch_size: Optional[int] = None, progress: Optional[batching.Progress] = None):
+  def __init__(
+    self,
+    config,
+    model: nn.Module,
+    params: Any,
+    *,
+    batch_size: int | None = None,
+    progress: batching.Progress | None = None,
+  ):
     self.config, self.model, self.params = config, model, params
     self.batch_size, self.progress = batch_size, progress
     self.conditional = bool(config.model.conditional)
@@ -124,15 +138,22 @@ class Sampler:
     other.params = params
     return other
 
-  def options(self, solver: Optional[str] = None, steps: Optional[int] = None,
-              eta: Optional[float] = None, *, clip_x0: bool = True,
-              start: Optional[int] = None) -> Options:
+  def options(
+    self,
+    solver: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    *,
+    clip_x0: bool = True,
+    start: int | None = None,
+  ) -> Options:
     """Options with `config.sample`'s defaults filled in."""
     solver = solver or self.config.sample.sampler
     num_timesteps = self.config.diffusion.timesteps if start is None else start + 1
     eta = self.config.sample.eta if eta is None else float(eta)
-    return Options(solver, default_steps(self.config, solver, steps, num_timesteps), eta,
-                   clip_x0, start)
+    return Options(
+      solver, default_steps(self.config, solver, steps, num_timesteps), eta, clip_x0, start
+    )
 
   def noise(self, seed: int, num: int) -> np.ndarray:
     """[num, H, W, C] starting noise of `seed`; image i is normal(fold_in(noise key, i))."""
@@ -140,10 +161,19 @@ class Sampler:
     draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), self.image_shape)
     return np.asarray(jax.vmap(draw)(jnp.arange(num)))
 
-  def sample(self, attributes, *, seed: int = 0, guidance: Guidance = None,
-             x_T: Optional[np.ndarray] = None, solver: Optional[str] = None,
-             steps: Optional[int] = None, eta: Optional[float] = None, clip_x0: bool = True,
-             start: Optional[int] = None) -> np.ndarray:
+  def sample(
+    self,
+    attributes,
+    *,
+    seed: int = 0,
+    guidance: Guidance = None,
+    x_T: np.ndarray | None = None,
+    solver: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    clip_x0: bool = True,
+    start: int | None = None,
+  ) -> np.ndarray:
     """[N, H, W, C] images in [-1, 1] for attributes [N, A].
 
     Image i starts from noise i of `seed`, or from x_T[i] when given (then `seed`
@@ -157,12 +187,15 @@ class Sampler:
 
     def run(b, x, a, w):
       rng = jax.random.fold_in(step_key, b)
-      return self._call(self._sample_static_w, self._sample_traced_w, w, options,
-                        self._put(x), self._put(a), rng)
+      return self._call(
+        self._sample_static_w, self._sample_traced_w, w, options, self._put(x), self._put(a), rng
+      )
+
     return self._batched(run, x_T, attributes, guidance)
 
-  def invert(self, images, attributes, *, steps: int, start: int,
-             guidance: Guidance = 1.0) -> np.ndarray:
+  def invert(
+    self, images, attributes, *, steps: int, start: int, guidance: Guidance = 1.0
+  ) -> np.ndarray:
     """Latents [N, H, W, C] at timestep `start` of images [N, H, W, C] by DDIM inversion.
 
     `sample(attributes, x_T=latents, solver='ddim', steps=steps, eta=0,
@@ -173,18 +206,28 @@ class Sampler:
     options = Options('ddim', int(steps), start=start)
 
     def run(b, x, a, w):
-      return self._call(self._invert_static_w, self._invert_traced_w, w, options,
-                        self._put(x), self._put(a))
+      return self._call(
+        self._invert_static_w, self._invert_traced_w, w, options, self._put(x), self._put(a)
+      )
+
     return self._batched(run, np.asarray(images, np.float32), attributes, guidance)
 
-  def guided_output(self, params: Any, x: jax.Array, t: jax.Array, attributes: jax.Array,
-                    guidance: Union[float, jax.Array]) -> jax.Array:
+  def guided_output(
+    self,
+    params: Any,
+    x: jax.Array,
+    t: jax.Array,
+    attributes: jax.Array,
+    guidance: float | jax.Array,
+  ) -> jax.Array:
     """One denoiser evaluation as every solver step makes it (`bench` counts its FLOPs)."""
-    return diffusion.guided_output(self._model_fn(params), x, t, self._condition(attributes),
-                                   guidance)
+    return diffusion.guided_output(
+      self._model_fn(params), x, t, self._condition(attributes), guidance
+    )
 
-  def compiled(self, x_T: np.ndarray, attributes: np.ndarray, guidance: float,
-               **options) -> Callable[[], jax.Array]:
+  def compiled(
+    self, x_T: np.ndarray, attributes: np.ndarray, guidance: float, **options
+  ) -> Callable[[], jax.Array]:
     """The whole sampling program for one batch, compiled now; returns a call that runs it.
 
     `bench` times the compilation and the calls.
@@ -200,16 +243,31 @@ class Sampler:
 
   def _sample_program(self, params, x_T, attributes, rng, w, options):
     schedule = config_schedule(self.config, options.start)
-    return diffusion.sample(self._model_fn(params), schedule, x_T, self._condition(attributes),
-                            rng, sampler=options.solver, steps=options.steps, guidance=w,
-                            eta=options.eta, prediction=self.config.diffusion.prediction,
-                            clip_x0=options.clip_x0)
+    return diffusion.sample(
+      self._model_fn(params),
+      schedule,
+      x_T,
+      self._condition(attributes),
+      rng,
+      sampler=options.solver,
+      steps=options.steps,
+      guidance=w,
+      eta=options.eta,
+      prediction=self.config.diffusion.prediction,
+      clip_x0=options.clip_x0,
+    )
 
   def _invert_program(self, params, x0, attributes, w, options):
     schedule = config_schedule(self.config, options.start)
-    return diffusion.ddim_invert(self._model_fn(params), schedule, x0,
-                                 self._condition(attributes), steps=options.steps, guidance=w,
-                                 prediction=self.config.diffusion.prediction)
+    return diffusion.ddim_invert(
+      self._model_fn(params),
+      schedule,
+      x0,
+      self._condition(attributes),
+      steps=options.steps,
+      guidance=w,
+      prediction=self.config.diffusion.prediction,
+    )
 
   def _model_fn(self, params):
     """model_fn(x, t, attributes) with `params` bound, as the diffusion core expects."""
@@ -237,8 +295,10 @@ class Sampler:
       raise UserError(f'guidance must be finite, got {w}')
     size = self.batch_size or min(len(x), DEFAULT_BATCH_SIZE)
     if len(x) < 1 or size < 1:
-      raise UserError(f'need at least one image and a batch size of at least 1, got {len(x)} '
-                      f'images and batch size {size}')
+      raise UserError(
+        f'need at least one image and a batch size of at least 1, got {len(x)} '
+        f'images and batch size {size}'
+      )
     return batching.map_batches(run, (x, attributes, w), size, self.progress)
 
   def _put(self, x):

@@ -4,12 +4,12 @@ Reads top to bottom: state, the jitted step, sample grids, then the trainer,
 which runs the shared loop (`fdiff_jax.loop`: checkpoints, exact resume,
 SIGTERM, NaN stop, reporting) with a grid every `sample_every` steps.
 """
+
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -20,13 +20,19 @@ from fdiff_jax import diffusion, images, loop, parallel
 from fdiff_jax.data import attributes as attributes_lib
 from fdiff_jax.data import pipeline, sources
 from fdiff_jax.models import UNet, build_model, init_once
-from fdiff_jax.train_state import (TrainState, ema_decay, initial_state, learning_rate_schedule,
-                                   make_optimizer)
 from fdiff_jax.sampler import Sampler
+from fdiff_jax.train_state import (
+  TrainState,
+  ema_decay,
+  initial_state,
+  learning_rate_schedule,
+  make_optimizer,
+)
 
 
-def init_state(config: ml_collections.ConfigDict, model: UNet, tx: optax.GradientTransformation,
-               mesh: Mesh) -> TrainState:
+def init_state(
+  config: ml_collections.ConfigDict, model: UNet, tx: optax.GradientTransformation, mesh: Mesh
+) -> TrainState:
   """Step 0's TrainState replicated over `mesh` (the loop makes its own; bench starts here)."""
   return init_once(functools.partial(initial_state, config, model, tx), parallel.replicated(mesh))
 
@@ -43,30 +49,45 @@ def train_step(state, batch, *, model, tx, schedule, config):
   attrs = batch['attributes'] if config.model.conditional else None
 
   def loss_fn(params):
-    model_fn = lambda x, t, a: model.apply({'params': params}, x, t, a, train=True,
-                                           rngs={'dropout': dropout_key})
+    model_fn = lambda x, t, a: model.apply(
+      {'params': params}, x, t, a, train=True, rngs={'dropout': dropout_key}
+    )
     d = config.diffusion
-    return diffusion.diffusion_loss(model_fn, schedule, batch['image'], attrs, loss_key,
-                                    prediction=d.prediction, min_snr_gamma=d.min_snr_gamma,
-                                    p_uncond=d.p_uncond, p_attr_drop=d.p_attr_drop)
+    return diffusion.diffusion_loss(
+      model_fn,
+      schedule,
+      batch['image'],
+      attrs,
+      loss_key,
+      prediction=d.prediction,
+      min_snr_gamma=d.min_snr_gamma,
+      p_uncond=d.p_uncond,
+      p_attr_drop=d.p_attr_drop,
+    )
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = ema_decay(config.train, state.step)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-             'learning_rate': learning_rate_schedule(config.train)(state.step)}
-  return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+  metrics = {
+    'loss': loss,
+    'grad_norm': optax.tree.norm(grads),
+    'learning_rate': learning_rate_schedule(config.train)(state.step),
+  }
+  return TrainState(
+    step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state
+  ), metrics
 
 
 def jit_train_step(config, model, tx, schedule, mesh):
   """The train step jitted over `mesh`: batch sharded, state replicated and donated."""
   return jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
-      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-      donate_argnums=0)
+    functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config),
+    in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 def grid_attributes(config, names):
@@ -76,8 +97,13 @@ def grid_attributes(config, names):
   return np.repeat(rows, config.sample.grid_size, axis=0), len(prompts)
 
 
-def write_sample_grid(state: TrainState, names: Sequence[str],
-                      writer: metric_writers.MetricWriter, workdir: str, sampler: Sampler) -> None:
+def write_sample_grid(
+  state: TrainState,
+  names: Sequence[str],
+  writer: metric_writers.MetricWriter,
+  workdir: str,
+  sampler: Sampler,
+) -> None:
   """Samples the grid from the EMA params with the config's seed; PNG + TensorBoard."""
   config = sampler.config
   attrs, rows = grid_attributes(config, names)
@@ -85,13 +111,17 @@ def write_sample_grid(state: TrainState, names: Sequence[str],
   grid = images.make_grid(images.to_uint8(samples), rows)
   step = int(state.step)
   if parallel.is_main_process():
-    images.save_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid,
-                    scale=max(1, 128 // samples.shape[1]))
+    images.save_png(
+      os.path.join(workdir, 'samples', f'step_{step:07d}.png'),
+      grid,
+      scale=max(1, 128 // samples.shape[1]),
+    )
     writer.write_images(step, {'samples': grid[None]})
 
 
-def train_diffusion(config: ml_collections.ConfigDict, workdir: str,
-                    mesh: Mesh | None = None) -> list[dict]:
+def train_diffusion(
+  config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
+) -> list[dict]:
   """Trains (or resumes) the diffusion model in `workdir`; returns the logged metrics.
 
   `mesh` defaults to every device of every process. Sample grids from the
@@ -118,8 +148,14 @@ def train_diffusion(config: ml_collections.ConfigDict, workdir: str,
       write_sample_grid(state, names, writer, workdir, grid_sampler)
 
   _, history = loop.run(
-      config, 'train', workdir, functools.partial(initial_state, config, model, tx),
-      jit_train_step(config, model, tx, schedule, mesh),
-      lambda start: pipeline.create_train_iterator(config, start_step=start, split=train_split),
-      mesh, writer, on_step=sample_grid)
+    config,
+    'train',
+    workdir,
+    functools.partial(initial_state, config, model, tx),
+    jit_train_step(config, model, tx, schedule, mesh),
+    lambda start: pipeline.create_train_iterator(config, start_step=start, split=train_split),
+    mesh,
+    writer,
+    on_step=sample_grid,
+  )
   return history

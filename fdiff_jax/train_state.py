@@ -1,4 +1,5 @@
 """Training state (step, params, EMA params, optimizer state) and the optimizer."""
+
 from typing import Any
 
 import flax
@@ -41,9 +42,11 @@ def learning_rate_schedule(train_config):
 def make_optimizer(train_config):
   """AdamW with global-norm gradient clipping."""
   return optax.chain(
-      optax.clip_by_global_norm(train_config.grad_clip),
-      optax.adamw(learning_rate_schedule(train_config), b1=0.9, b2=0.999,
-                  weight_decay=train_config.weight_decay))
+    optax.clip_by_global_norm(train_config.grad_clip),
+    optax.adamw(
+      learning_rate_schedule(train_config), b1=0.9, b2=0.999, weight_decay=train_config.weight_decay
+    ),
+  )
 
 
 def ema_decay(train_config, step):
@@ -56,12 +59,17 @@ def ema_decay(train_config, step):
 
 
 def create_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=jax.tree.map(jnp.copy, params),
+    opt_state=tx.init(params),
+  )
 
 
-def initial_state(config: ml_collections.ConfigDict, model: UNet,
-                  tx: optax.GradientTransformation) -> TrainState:
+def initial_state(
+  config: ml_collections.ConfigDict, model: UNet, tx: optax.GradientTransformation
+) -> TrainState:
   """Step 0's TrainState from the config's seed; traceable, so `jax.eval_shape` gives its shapes."""
   params = initial_params(model, jax.random.key(config.seed), pipeline.image_shape(config))
   return create_train_state(params, tx)

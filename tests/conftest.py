@@ -1,5 +1,6 @@
 """Test setup: run JAX on CPU so the suite behaves the same on every machine, with the
 XLA:CPU flags the `fdiff` command uses."""
+
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')

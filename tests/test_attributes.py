@@ -1,4 +1,5 @@
 """Attribute vocabularies and the `"Smiling,-Male,Eyeglasses=0.5"` parser."""
+
 import numpy as np
 import pytest
 
@@ -27,19 +28,19 @@ def test_parse_plus_minus_and_explicit_values():
 
 def test_parse_is_case_insensitive_and_tolerates_spaces():
   np.testing.assert_array_equal(
-      parse_attributes(' smiling , -MALE, eyeglasses = -0.25 ',
-                       CELEBA_ATTRIBUTES),
-      parse_attributes('Smiling,-Male,Eyeglasses=-0.25', CELEBA_ATTRIBUTES))
+    parse_attributes(' smiling , -MALE, eyeglasses = -0.25 ', CELEBA_ATTRIBUTES),
+    parse_attributes('Smiling,-Male,Eyeglasses=-0.25', CELEBA_ATTRIBUTES),
+  )
 
 
 def test_empty_text_is_unconditional():
-  np.testing.assert_array_equal(parse_attributes('', CELEBA_ATTRIBUTES),
-                                np.zeros(40))
+  np.testing.assert_array_equal(parse_attributes('', CELEBA_ATTRIBUTES), np.zeros(40))
 
 
 def test_digit_names():
-  np.testing.assert_array_equal(parse_attributes('3,-5', DIGIT_ATTRIBUTES),
-                                [0, 0, 0, 1, 0, -1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(
+    parse_attributes('3,-5', DIGIT_ATTRIBUTES), [0, 0, 0, 1, 0, -1, 0, 0, 0, 0]
+  )
 
 
 def test_unknown_name_suggests_the_closest():
@@ -47,13 +48,16 @@ def test_unknown_name_suggests_the_closest():
     parse_attributes('Smilng', CELEBA_ATTRIBUTES)
 
 
-@pytest.mark.parametrize('text, message', [
+@pytest.mark.parametrize(
+  'text, message',
+  [
     ('Smiling,-smiling', 'twice'),
     ('Male=1.5', 'outside'),
     ('Male=-2', 'outside'),
     ('Male=nan', 'outside'),
     ('Male=lots', 'not a number'),
-])
+  ],
+)
 def test_invalid_input_is_a_user_error(text, message):
   with pytest.raises(UserError, match=message):
     parse_attributes(text, CELEBA_ATTRIBUTES)

@@ -1,4 +1,5 @@
 """`fdiff bench` on the tiny test config: the JSON report's fields and sanity, and bad flags."""
+
 import json
 import math
 
@@ -8,17 +9,47 @@ from fdiff_jax import bench, cli
 
 CONFIG = 'configs/test.py'
 WORKLOAD_FIELDS = (
-    'batch', 'compile_seconds', 'seconds_median', 'seconds_min', 'seconds_max',
-    'images_per_sec', 'images_per_sec_min', 'images_per_sec_max', 'flops_per_call',
-    'achieved_tflops', 'utilisation_vs_peak', 'matmul_ceiling_tflops',
-    'utilisation_vs_matmul', 'peak_memory_bytes')
+  'batch',
+  'compile_seconds',
+  'seconds_median',
+  'seconds_min',
+  'seconds_max',
+  'images_per_sec',
+  'images_per_sec_min',
+  'images_per_sec_max',
+  'flops_per_call',
+  'achieved_tflops',
+  'utilisation_vs_peak',
+  'matmul_ceiling_tflops',
+  'utilisation_vs_matmul',
+  'peak_memory_bytes',
+)
 
 
 @pytest.fixture(scope='module')
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp('bench') / 'bench.json'
-  assert cli.main(['bench', '--config', CONFIG, '--batch', '2', '--steps', '2', '--repeats', '2',
-                   '--peak-tflops', '1', '--out', str(out), '--config.model.ch=8']) == 0
+  assert (
+    cli.main(
+      [
+        'bench',
+        '--config',
+        CONFIG,
+        '--batch',
+        '2',
+        '--steps',
+        '2',
+        '--repeats',
+        '2',
+        '--peak-tflops',
+        '1',
+        '--out',
+        str(out),
+        '--config.model.ch=8',
+      ]
+    )
+    == 0
+  )
   return json.loads(out.read_text())
 
 
@@ -54,7 +85,9 @@ def test_sampler_settings_are_recorded(report):
 def test_bad_what_is_one_clear_error(capsys):
   assert cli.main(['bench', '--config', CONFIG, '--what', 'train,evaluate']) == 2
   err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1 and "workloads 'train,evaluate'" in err and 'train,sample' in err
+  assert (
+    len(err.splitlines()) == 1 and "workloads 'train,evaluate'" in err and 'train,sample' in err
+  )
 
 
 def test_published_peaks_match_device_kinds():
@@ -67,19 +100,24 @@ def test_published_peaks_match_device_kinds():
 def test_sampling_flops_count_every_step_and_both_guidance_branches():
   from fdiff_jax import config_utils  # pylint: disable=import-outside-toplevel
   from fdiff_jax.models import build_model  # pylint: disable=import-outside-toplevel
+
   config = config_utils.load_config(CONFIG, ['model.ch=8'])
   model = build_model(config.model, 40)
   mesh = bench.parallel.create_mesh()
-  flops = {(steps, w): bench.bench_sample(config, model, mesh, 2, 1, sampler='ddim', steps=steps,
-                                          guidance=w)[1]
-           for steps, w in ((2, 1.0), (2, 3.0), (4, 3.0))}
+  flops = {
+    (steps, w): bench.bench_sample(
+      config, model, mesh, 2, 1, sampler='ddim', steps=steps, guidance=w
+    )[1]
+    for steps, w in ((2, 1.0), (2, 3.0), (4, 3.0))
+  }
   assert math.isclose(flops[4, 3.0], 2 * flops[2, 3.0])
-  assert 1.9 < flops[2, 3.0] / flops[2, 1.0] < 2.1   # w != 1 evaluates cond and uncond.
+  assert 1.9 < flops[2, 3.0] / flops[2, 1.0] < 2.1  # w != 1 evaluates cond and uncond.
 
 
 def test_host_peak_is_per_workload_after_a_reset():
   import numpy as np  # pylint: disable=import-outside-toplevel
-  big = np.ones(300 * 2**20 // 8)   # 300 MiB touched, then freed.
+
+  big = np.ones(300 * 2**20 // 8)  # 300 MiB touched, then freed.
   before = bench.peak_memory(False)[0]
   del big
   if not bench.reset_host_peak():

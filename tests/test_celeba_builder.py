@@ -1,4 +1,5 @@
 """The `celeba_files` builder on synthetic CelebA in every supported layout."""
+
 import os
 import shutil
 import zipfile
@@ -16,8 +17,9 @@ SPLITS = {'0': 'train', '1': 'validation', '2': 'test'}
 
 def _prepare(manual_dir, data_dir):
   builder = CelebaFiles(data_dir=str(data_dir), file_format='array_record')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(manual_dir)))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+  )
   return builder
 
 
@@ -57,13 +59,12 @@ def _expected(manual):
   kaggle = (manual / 'list_attr_celeba.csv').exists()
   sep = ',' if kaggle else None
   ext = 'csv' if kaggle else 'txt'
-  attr = (manual / f'list_attr_celeba.{ext}').read_text().splitlines()[
-      1 if kaggle else 2:]
-  partition = (manual / f'list_eval_partition.{ext}').read_text().splitlines()[
-      1 if kaggle else 0:]
+  attr = (manual / f'list_attr_celeba.{ext}').read_text().splitlines()[1 if kaggle else 2 :]
+  partition = (manual / f'list_eval_partition.{ext}').read_text().splitlines()[1 if kaggle else 0 :]
   splits = dict(line.split(sep) for line in partition)
-  folder = (manual / 'img_align_celeba' / 'img_align_celeba' if kaggle
-            else manual / 'img_align_celeba')
+  folder = (
+    manual / 'img_align_celeba' / 'img_align_celeba' if kaggle else manual / 'img_align_celeba'
+  )
   if folder.exists():
     images = {path.name: path.read_bytes() for path in folder.iterdir()}
   else:
@@ -72,8 +73,7 @@ def _expected(manual):
   expected = {}
   for line in attr:
     name, *values = line.split(sep)
-    expected[name] = (SPLITS[splits[name]], np.array(values, np.float32),
-                      images[name])
+    expected[name] = (SPLITS[splits[name]], np.array(values, np.float32), images[name])
   return expected
 
 
@@ -91,8 +91,7 @@ def test_examples_round_trip(prepared):
   expected = _expected(manual)
   seen = []
   for split in SPLITS.values():
-    source = builder.as_data_source(
-        split, decoders={'image': tfds.decode.SkipDecoding()})
+    source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
     for example in source:
       name = example['file_name'].decode()
       want_split, want_attributes, want_image = expected[name]
@@ -116,8 +115,9 @@ def _broken_copy(official, tmp_path):
   return manual
 
 
-@pytest.mark.parametrize('missing', [
-    'list_attr_celeba.txt', 'list_eval_partition.txt', 'img_align_celeba.zip'])
+@pytest.mark.parametrize(
+  'missing', ['list_attr_celeba.txt', 'list_eval_partition.txt', 'img_align_celeba.zip']
+)
 def test_missing_file_says_which_and_where(official, tmp_path, missing):
   manual = _broken_copy(official, tmp_path)
   os.remove(manual / missing)
@@ -131,15 +131,17 @@ def _edit_line(path, number, edit):
   path.write_text('\n'.join(lines) + '\n')
 
 
-@pytest.mark.parametrize('file_name, number, edit', [
+@pytest.mark.parametrize(
+  'file_name, number, edit',
+  [
     ('list_attr_celeba.txt', 7, lambda line: line.replace(' 1', ' 2', 1)),
     ('list_attr_celeba.txt', 9, lambda line: line.rsplit(' ', 1)[0]),
     ('list_attr_celeba.txt', 2, lambda line: line.replace('Male', 'Mal')),
     ('list_attr_celeba.txt', 1, lambda line: '41'),
     ('list_eval_partition.txt', 5, lambda line: line.replace(' 0', ' 3')),
-])
-def test_malformed_line_names_file_and_line(official, tmp_path, file_name,
-                                            number, edit):
+  ],
+)
+def test_malformed_line_names_file_and_line(official, tmp_path, file_name, number, edit):
   manual = _broken_copy(official, tmp_path)
   _edit_line(manual / file_name, number, edit)
   with pytest.raises(UserError, match=f'{manual / file_name}:{number}: '):
@@ -157,8 +159,10 @@ def test_malformed_kaggle_csv_line(tmp_path):
 def test_listed_but_absent_image_is_an_error(official, tmp_path):
   manual = _broken_copy(official, tmp_path)
   archive = manual / 'img_align_celeba.zip'
-  with zipfile.ZipFile(official / 'img_align_celeba.zip') as source, \
-      zipfile.ZipFile(archive, 'w') as target:
+  with (
+    zipfile.ZipFile(official / 'img_align_celeba.zip') as source,
+    zipfile.ZipFile(archive, 'w') as target,
+  ):
     for member in source.namelist():
       if not member.endswith('000007.jpg'):
         target.writestr(member, source.read(member))

@@ -3,6 +3,7 @@
 It trains in the shared loop: exact resume, SIGTERM checkpoints and the NaN stop
 are checked here on a tiny classifier too.
 """
+
 import json
 import os
 import signal
@@ -29,10 +30,21 @@ def celeba_classifier(tmp_path_factory):
   root = tmp_path_factory.mktemp('celeba')
   write_synthetic_celeba(str(root / 'files'), num=800, seed=0)
   workdir = str(root / 'classifier')
-  code = cli.main(['train-classifier', '--config', 'configs/test.py', '--workdir', workdir,
-                   f'--config.data.manual_dir={root / "files"}', f'--config.data.data_dir={root / "tfds"}',
-                   '--config.data.image_size=32', '--config.classifier.width=16',
-                   '--config.classifier.batch_size=32', '--config.classifier.num_steps=200'])
+  code = cli.main(
+    [
+      'train-classifier',
+      '--config',
+      'configs/test.py',
+      '--workdir',
+      workdir,
+      f'--config.data.manual_dir={root / "files"}',
+      f'--config.data.data_dir={root / "tfds"}',
+      '--config.data.image_size=32',
+      '--config.classifier.width=16',
+      '--config.classifier.batch_size=32',
+      '--config.classifier.num_steps=200',
+    ]
+  )
   assert code == 0
   return workdir
 
@@ -90,8 +102,16 @@ def tiny_config(celeba_dirs, **classifier_overrides):
   """A tiny classifier at 16x16; a constant learning rate, so a shorter run is a prefix."""
   config = test_config.get_config()
   config.data.manual_dir, config.data.data_dir = celeba_dirs
-  config.classifier.update(width=8, features=16, batch_size=8, num_steps=6, log_every=1,
-                           checkpoint_every=3, warmup_steps=2, lr_schedule='constant')
+  config.classifier.update(
+    width=8,
+    features=16,
+    batch_size=8,
+    num_steps=6,
+    log_every=1,
+    checkpoint_every=3,
+    warmup_steps=2,
+    lr_schedule='constant',
+  )
   config.classifier.update(classifier_overrides)
   return config
 
@@ -107,13 +127,22 @@ def test_resume_is_bitwise_identical_to_a_straight_run(small_celeba, tmp_path):
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(x, y)
   step_3 = classifier.load_classifier(resumed, step=3)  # Training changed the parameters.
-  assert any(np.abs(x - y).max() > 0
-             for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(step_3.params)))
+  assert any(
+    np.abs(x - y).max() > 0
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(step_3.params))
+  )
 
 
 def test_nan_loss_stops_and_keeps_only_good_checkpoints(small_celeba, tmp_path):
-  config = tiny_config(small_celeba, learning_rate=1e30, grad_clip=1e30, warmup_steps=1,
-                       checkpoint_every=1, num_steps=8, keep_checkpoints=100)
+  config = tiny_config(
+    small_celeba,
+    learning_rate=1e30,
+    grad_clip=1e30,
+    warmup_steps=1,
+    checkpoint_every=1,
+    num_steps=8,
+    keep_checkpoints=100,
+  )
   workdir = str(tmp_path)
   with pytest.raises(loop.TrainingDiverged, match=r'last good checkpoint.*config\.classifier'):
     classifier.train_classifier(config, workdir)
@@ -132,15 +161,29 @@ def test_nan_loss_stops_and_keeps_only_good_checkpoints(small_celeba, tmp_path):
 def test_sigterm_saves_a_restorable_checkpoint_and_skips_validation(small_celeba, tmp_path):
   workdir = str(tmp_path / 'w')
   files, tfds_dir = small_celeba
-  args = ['train-classifier', '--config', 'configs/test.py', '--workdir', workdir,
-          f'--config.data.manual_dir={files}', f'--config.data.data_dir={tfds_dir}',
-          '--config.classifier.width=8', '--config.classifier.batch_size=8',
-          '--config.classifier.num_steps=100000', '--config.classifier.checkpoint_every=100000',
-          '--config.classifier.log_every=1']
-  proc = subprocess.Popen([sys.executable, '-m', 'fdiff_jax', *args], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  args = [
+    'train-classifier',
+    '--config',
+    'configs/test.py',
+    '--workdir',
+    workdir,
+    f'--config.data.manual_dir={files}',
+    f'--config.data.data_dir={tfds_dir}',
+    '--config.classifier.width=8',
+    '--config.classifier.batch_size=8',
+    '--config.classifier.num_steps=100000',
+    '--config.classifier.checkpoint_every=100000',
+    '--config.classifier.log_every=1',
+  ]
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'fdiff_jax', *args],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   deadline = time.time() + 240
-  for line in proc.stdout:   # Wait until training is under way, then preempt.
+  for line in proc.stdout:  # Wait until training is under way, then preempt.
     if 'loss=' in line or time.time() > deadline:
       break
   proc.send_signal(signal.SIGTERM)

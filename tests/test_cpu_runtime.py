@@ -1,4 +1,5 @@
 """XLA:CPU flags and glibc tunables that `fdiff` sets at start-up, leaving the user's own alone."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,10 @@ OURS = cpu_runtime.XLA_CPU_FLAGS[(0, 10)][0]
 
 def test_xla_flags_added_for_measured_jaxlib_only():
   assert cpu_runtime.with_default_xla_flags('', (0, 10)) == OURS
-  assert cpu_runtime.with_default_xla_flags('--xla_dump_to=/tmp/d', (0, 10)) == \
-      f'--xla_dump_to=/tmp/d {OURS}'
+  assert (
+    cpu_runtime.with_default_xla_flags('--xla_dump_to=/tmp/d', (0, 10))
+    == f'--xla_dump_to=/tmp/d {OURS}'
+  )
   assert cpu_runtime.with_default_xla_flags('--a=1', (0, 4)) == '--a=1'  # Unknown flag there.
   assert cpu_runtime.with_default_xla_flags('--a=1', None) == '--a=1'
 
@@ -27,25 +30,55 @@ def test_users_own_xla_flag_value_is_kept():
 
 def test_huge_pages_tunable_added_unless_user_set_hugetlb():
   assert cpu_runtime.with_huge_pages('') == 'glibc.malloc.hugetlb=1'
-  assert cpu_runtime.with_huge_pages('glibc.malloc.check=0') == \
-      'glibc.malloc.check=0:glibc.malloc.hugetlb=1'
+  assert (
+    cpu_runtime.with_huge_pages('glibc.malloc.check=0')
+    == 'glibc.malloc.check=0:glibc.malloc.hugetlb=1'
+  )
   assert cpu_runtime.with_huge_pages('glibc.malloc.hugetlb=0') == 'glibc.malloc.hugetlb=0'
 
 
 @pytest.mark.skipif(not cpu_runtime._glibc(), reason='glibc tunables only')  # pylint: disable=protected-access
 def test_command_runs_with_the_settings_and_keeps_the_users(tmp_path):
   out = tmp_path / 'bench.json'
-  env = dict(os.environ, GLIBC_TUNABLES='glibc.malloc.trim_threshold=1000000000',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
+  env = dict(
+    os.environ,
+    GLIBC_TUNABLES='glibc.malloc.trim_threshold=1000000000',
+    XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    JAX_PLATFORMS='cpu',
+  )
   proc = subprocess.run(
-      [sys.executable, '-m', 'fdiff_jax', 'bench', '--config', 'configs/test.py', '--what', 'train',
-       '--batch', '2', '--repeats', '1', '--out', str(out), '--config.model.ch=8'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    [
+      sys.executable,
+      '-m',
+      'fdiff_jax',
+      'bench',
+      '--config',
+      'configs/test.py',
+      '--what',
+      'train',
+      '--batch',
+      '2',
+      '--repeats',
+      '1',
+      '--out',
+      str(out),
+      '--config.model.ch=8',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   machine = json.loads(out.read_text())['machine']
-  assert machine['glibc_tunables'] == 'glibc.malloc.trim_threshold=1000000000:glibc.malloc.hugetlb=1'
-  expected = cpu_runtime.with_default_xla_flags('--xla_force_host_platform_device_count=1',
-                                                cpu_runtime.jaxlib_version())
+  assert (
+    machine['glibc_tunables'] == 'glibc.malloc.trim_threshold=1000000000:glibc.malloc.hugetlb=1'
+  )
+  expected = cpu_runtime.with_default_xla_flags(
+    '--xla_force_host_platform_device_count=1', cpu_runtime.jaxlib_version()
+  )
   assert machine['xla_flags'] == expected
 
 

@@ -1,8 +1,9 @@
 """The offline digits builder and MNIST (mocked TFDS) through the pipeline."""
+
 import numpy as np
 import pytest
-from sklearn import datasets
 import tensorflow_datasets as tfds
+from sklearn import datasets
 
 import configs.default
 from fdiff_jax import data
@@ -66,8 +67,7 @@ def test_digits_pipeline_upsamples_and_labels(digits_dir):
   assert sum(len(b['image']) for b in eval_batches) == 219
   labels = np.concatenate([b['attributes'] for b in eval_batches]).argmax(1)
   in_test = data.digits.split_of_each_image(datasets.load_digits().target)
-  np.testing.assert_array_equal(
-      labels, datasets.load_digits().target[in_test == 'test'])
+  np.testing.assert_array_equal(labels, datasets.load_digits().target[in_test == 'test'])
 
 
 def test_digits_have_no_validation_split(digits_dir):

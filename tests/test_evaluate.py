@@ -1,4 +1,5 @@
 """`fdiff evaluate` on tiny conditional and unconditional workdirs: a complete report and plot."""
+
 import json
 import math
 import os
@@ -6,15 +7,22 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from test_inception import random_state_dict
 
 from configs import test as test_config
 from fdiff_jax import cli, train
 from fdiff_jax.data.synth_celeba import write_synthetic_celeba
 from fdiff_jax.metrics import inception
-from test_inception import random_state_dict
 
-ROW_FIELDS = {'guidance', 'num_samples', 'fid', 'classifier_fd', 'attribute_accuracy',
-              'single_attribute_accuracy', 'wall_time_s'}
+ROW_FIELDS = {
+  'guidance',
+  'num_samples',
+  'fid',
+  'classifier_fd',
+  'attribute_accuracy',
+  'single_attribute_accuracy',
+  'wall_time_s',
+}
 
 
 @pytest.fixture(scope='module')
@@ -28,8 +36,21 @@ def setup(tmp_path_factory):
     config.data.manual_dir, config.data.data_dir = str(root / 'files'), str(root / 'tfds')
     config.model.conditional = conditional
     train.train_diffusion(config, str(root / name))
-  assert cli.main(['train-classifier', '--config', 'configs/test.py', '--workdir', str(root / 'clf'),
-                   '--config.classifier.width=8', '--config.classifier.num_steps=40', *data]) == 0
+  assert (
+    cli.main(
+      [
+        'train-classifier',
+        '--config',
+        'configs/test.py',
+        '--workdir',
+        str(root / 'clf'),
+        '--config.classifier.width=8',
+        '--config.classifier.num_steps=40',
+        *data,
+      ]
+    )
+    == 0
+  )
   weights = str(root / 'inception.npz')
   np.savez(weights, **random_state_dict())
   return root, weights
@@ -37,9 +58,27 @@ def setup(tmp_path_factory):
 
 def run_evaluate(root, out, *extra, runs=('cond', 'uncond'), guidance='0,2'):
   workdirs = [arg for name in runs for arg in ('--workdir', str(root / name))]
-  return cli.main(['evaluate', *workdirs, '--classifier', str(root / 'clf'), '--num-samples', '8',
-                   '--steps', '2', '--guidance', guidance, '--seed', '3', '--batch-size', '8',
-                   '--out-dir', str(out), *extra])
+  return cli.main(
+    [
+      'evaluate',
+      *workdirs,
+      '--classifier',
+      str(root / 'clf'),
+      '--num-samples',
+      '8',
+      '--steps',
+      '2',
+      '--guidance',
+      guidance,
+      '--seed',
+      '3',
+      '--batch-size',
+      '8',
+      '--out-dir',
+      str(out),
+      *extra,
+    ]
+  )
 
 
 def finite_numbers(tree):
@@ -60,8 +99,18 @@ def test_report_is_complete_with_fid_and_plot(setup, capsys):
   assert [r['guidance'] for r in uncond['results']] == [None]  # Guidance means nothing there.
   for run in report['runs']:
     assert run['reference']['count'] > 0 and 0 <= run['classifier_ceiling']['mean'] <= 1
-    assert set(run['scored_attributes']) <= {'Male', 'Smiling', 'Eyeglasses', 'Black_Hair', 'Blond_Hair',
-                                             'Pale_Skin', 'Wearing_Hat', 'Mustache', 'Bangs', 'Young'}
+    assert set(run['scored_attributes']) <= {
+      'Male',
+      'Smiling',
+      'Eyeglasses',
+      'Black_Hair',
+      'Blond_Hair',
+      'Pale_Skin',
+      'Wearing_Hat',
+      'Mustache',
+      'Bangs',
+      'Young',
+    }
     for row in run['results']:
       assert set(row) == ROW_FIELDS and row['num_samples'] == 8
       assert isinstance(row['fid'], float) and row['fid'] > 1e-6 and row['classifier_fd'] > 0
@@ -78,7 +127,9 @@ def test_report_is_complete_with_fid_and_plot(setup, capsys):
   assert len(os.listdir(root / 'cond' / 'eval_cache')) == 2  # Classifier and Inception references.
 
 
-def test_without_weights_reports_offline_metrics_and_how_to_get_them(setup, tmp_path, monkeypatch, capsys):
+def test_without_weights_reports_offline_metrics_and_how_to_get_them(
+  setup, tmp_path, monkeypatch, capsys
+):
   root, _ = setup
   monkeypatch.setenv('FDIFF_CACHE', str(tmp_path / 'cache'))
   monkeypatch.setattr(inception, 'WEIGHTS_URL', (tmp_path / 'offline.pth').as_uri())
@@ -101,12 +152,37 @@ def test_explicit_inception_weights_that_cannot_load_are_a_one_line_error(setup,
 
 def test_classifier_of_another_dataset_is_a_one_line_error(setup, tmp_path, capsys):
   root, _ = setup
-  clf = str(tmp_path / 'digits_clf')   # A real (one-step) classifier, of the digits.
-  assert cli.main(['train-classifier', '--config', 'configs/digits.py', '--workdir', clf,
-                   '--config.classifier.width=8', '--config.classifier.num_steps=1',
-                   f'--config.data.data_dir={tmp_path / "tfds"}']) == 0
+  clf = str(tmp_path / 'digits_clf')  # A real (one-step) classifier, of the digits.
+  assert (
+    cli.main(
+      [
+        'train-classifier',
+        '--config',
+        'configs/digits.py',
+        '--workdir',
+        clf,
+        '--config.classifier.width=8',
+        '--config.classifier.num_steps=1',
+        f'--config.data.data_dir={tmp_path / "tfds"}',
+      ]
+    )
+    == 0
+  )
   capsys.readouterr()
-  assert cli.main(['evaluate', '--workdir', str(root / 'cond'), '--classifier', clf,
-                   '--num-samples', '4', '--no-fid']) == 2
+  assert (
+    cli.main(
+      [
+        'evaluate',
+        '--workdir',
+        str(root / 'cond'),
+        '--classifier',
+        clf,
+        '--num-samples',
+        '4',
+        '--no-fid',
+      ]
+    )
+    == 2
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'celeba model' in err[0] and 'trained on digits' in err[0]

@@ -1,4 +1,5 @@
 """Frechet distance against a scipy reference, closed forms, and streaming statistics."""
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -65,10 +66,12 @@ def test_streaming_statistics_equal_numpy():
   x = random_features(7, 250, 16, shift=3.0).astype(np.float32)
   stats = fid.FeatureStatistics()
   for start in range(0, 250, 64):
-    stats.update(x[start:start + 64])
+    stats.update(x[start : start + 64])
   mu, sigma = stats.mean_and_covariance()
   assert stats.count == 250
   np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
-  np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(
+    sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12
+  )
   with pytest.raises(ValueError, match='at least 2'):
     fid.FeatureStatistics().update(x[:1]).mean_and_covariance()

@@ -1,4 +1,5 @@
 """`fdiff sample / interpolate / edit` and `fdiff_jax.generate` on a real tiny trained workdir."""
+
 import json
 import os
 
@@ -9,7 +10,8 @@ from PIL import Image
 
 from configs import digits as digits_config
 from configs import test as test_config
-from fdiff_jax import checkpoints, cli, generate, sampler as sampler_lib, train
+from fdiff_jax import checkpoints, cli, generate, train
+from fdiff_jax import sampler as sampler_lib
 from fdiff_jax.data import synth_celeba
 from fdiff_jax.errors import UserError
 
@@ -27,8 +29,9 @@ def workdir(tmp_path_factory):
   synth_celeba.write_synthetic_celeba(str(root / 'files'), num=60, seed=0)
   config = test_config.get_config()
   config.data.manual_dir, config.data.data_dir = str(root / 'files'), str(root / 'tfds')
-  config.train.update(num_steps=300, learning_rate=2e-3, log_every=100, checkpoint_every=300,
-                      sample_every=300)
+  config.train.update(
+    num_steps=300, learning_rate=2e-3, log_every=100, checkpoint_every=300, sample_every=300
+  )
   train.train_diffusion(config, str(root / 'workdir'))
   return str(root / 'workdir')
 
@@ -52,9 +55,29 @@ def attrs(config, text, num=1):
 
 
 def test_sample_cli_writes_sweep_grid_and_images_with_progress(workdir, tmp_path, capsys):
-  code = cli.main(['sample', '--workdir', workdir, '--attributes', '-Male', '--num', '3',
-                   '--guidance', '1,3', '--sampler', 'ddim', '--steps', '4', '--batch-size', '2',
-                   '--out', str(tmp_path / 'grid.png'), '--out-dir', str(tmp_path / 'each')])
+  code = cli.main(
+    [
+      'sample',
+      '--workdir',
+      workdir,
+      '--attributes',
+      '-Male',
+      '--num',
+      '3',
+      '--guidance',
+      '1,3',
+      '--sampler',
+      'ddim',
+      '--steps',
+      '4',
+      '--batch-size',
+      '2',
+      '--out',
+      str(tmp_path / 'grid.png'),
+      '--out-dir',
+      str(tmp_path / 'each'),
+    ]
+  )
   assert code == 0
   assert 'batch 2/2' in capsys.readouterr().err  # 3 images in batches of 2, per w.
   grid = np.asarray(Image.open(tmp_path / 'grid.png'))
@@ -62,21 +85,50 @@ def test_sample_cli_writes_sweep_grid_and_images_with_progress(workdir, tmp_path
   files = sorted(os.listdir(tmp_path / 'each'))
   assert files == [f'sample_{i:04d}.png' for i in range(6)]
   assert np.asarray(Image.open(tmp_path / 'each' / files[4])).shape == (16, 16, 3)
-  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'each' / files[4])),
-                                grid[20:36, 20:36])  # Row 1, column 1 of the grid.
+  np.testing.assert_array_equal(
+    np.asarray(Image.open(tmp_path / 'each' / files[4])), grid[20:36, 20:36]
+  )  # Row 1, column 1 of the grid.
 
 
-def test_attributes_file_gives_a_row_per_line_and_checkpoint_step_picks_the_model(workdir, tmp_path):
+def test_attributes_file_gives_a_row_per_line_and_checkpoint_step_picks_the_model(
+  workdir, tmp_path
+):
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('# one grid row per line\nMale\n\n-Male,Smiling\n')
-  common = ['sample', '--workdir', workdir, '--num', '2', '--sampler', 'ddim', '--steps', '4',
-            '--batch-size', '2', '--guidance', '1,3']
-  assert cli.main(common + ['--attributes-file', str(prompts), '--out', str(tmp_path / 'rows.png')]) == 0
-  assert cli.main(common + ['--attributes=-Male,Smiling', '--checkpoint-step', '300',
-                            '--out', str(tmp_path / 'one.png')]) == 0
+  common = [
+    'sample',
+    '--workdir',
+    workdir,
+    '--num',
+    '2',
+    '--sampler',
+    'ddim',
+    '--steps',
+    '4',
+    '--batch-size',
+    '2',
+    '--guidance',
+    '1,3',
+  ]
+  assert (
+    cli.main(common + ['--attributes-file', str(prompts), '--out', str(tmp_path / 'rows.png')]) == 0
+  )
+  assert (
+    cli.main(
+      common
+      + [
+        '--attributes=-Male,Smiling',
+        '--checkpoint-step',
+        '300',
+        '--out',
+        str(tmp_path / 'one.png'),
+      ]
+    )
+    == 0
+  )
   rows, one = (np.asarray(Image.open(tmp_path / f)) for f in ('rows.png', 'one.png'))
   assert rows.shape == (4 * 18 + 2, 2 * 18 + 2, 3)  # (2 w) x (2 lines) rows of 2 images.
-  row = lambda grid, r: grid[2 + 18 * r:18 + 18 * r]
+  row = lambda grid, r: grid[2 + 18 * r : 18 + 18 * r]
   assert np.abs(row(rows, 0).astype(int) - row(rows, 1)).max() > 0  # The lines differ.
   np.testing.assert_array_equal(row(rows, 1), row(one, 0))  # Line 2 at w=1,
   np.testing.assert_array_equal(row(rows, 3), row(one, 1))  # and at w=3.
@@ -111,7 +163,9 @@ def test_with_params_reuses_the_compiled_programs(sampler):
   blank = sampler.with_params(zeros).sample(a, seed=0, solver='ddim', steps=3, guidance=2.0)
   assert sampler._sample_traced_w._cache_size() == size  # pylint: disable=protected-access
   assert sampler.with_params(zeros).params is zeros and sampler.params is not zeros
-  assert np.abs(blank - sampler.sample(a, seed=0, solver='ddim', steps=3, guidance=2.0)).mean() > 0.01
+  assert (
+    np.abs(blank - sampler.sample(a, seed=0, solver='ddim', steps=3, guidance=2.0)).mean() > 0.01
+  )
 
 
 def test_sweep_rows_are_plain_samples_with_the_same_noise(sampler):
@@ -129,8 +183,9 @@ def test_sweep_rows_are_plain_samples_with_the_same_noise(sampler):
   x_T, key = sampler.noise(2, 3), jax.random.fold_in(sampler_lib.seed_keys(2)[1], 0)
   # pylint: disable=protected-access
   conditional = sampler._sample_static_w(sampler.params, x_T, rows, key, w=1.0, options=options)
-  both_branches = sampler._sample_traced_w(sampler.params, x_T, rows, key,
-                                           w=np.ones(3, np.float32), options=options)
+  both_branches = sampler._sample_traced_w(
+    sampler.params, x_T, rows, key, w=np.ones(3, np.float32), options=options
+  )
   np.testing.assert_allclose(sweep[0, 0], conditional, atol=1e-5)
   np.testing.assert_allclose(both_branches, conditional, atol=1e-4)
 
@@ -152,9 +207,29 @@ def test_interpolation_endpoints_equal_direct_samples(sampler):
 
 
 def test_interpolate_cli_writes_strip_and_gif(workdir, tmp_path):
-  code = cli.main(['interpolate', '--workdir', workdir, '--from', '-Smiling', '--to', 'Smiling',
-                   '--frames', '5', '--seeds', '0,1', '--sampler', 'dpm++', '--steps', '4',
-                   '--out', str(tmp_path / 'strip.png'), '--gif', str(tmp_path / 'anim.gif')])
+  code = cli.main(
+    [
+      'interpolate',
+      '--workdir',
+      workdir,
+      '--from',
+      '-Smiling',
+      '--to',
+      'Smiling',
+      '--frames',
+      '5',
+      '--seeds',
+      '0,1',
+      '--sampler',
+      'dpm++',
+      '--steps',
+      '4',
+      '--out',
+      str(tmp_path / 'strip.png'),
+      '--gif',
+      str(tmp_path / 'anim.gif'),
+    ]
+  )
   assert code == 0
   assert np.asarray(Image.open(tmp_path / 'strip.png')).shape == (2 * 18 + 2, 5 * 18 + 2, 3)
   gif = Image.open(tmp_path / 'anim.gif')
@@ -166,8 +241,9 @@ def test_inversion_with_nothing_set_reconstructs_the_photo(sampler, face):
   source = attrs(sampler.config, 'Smiling')
 
   def error(steps):
-    reconstruction, edited = generate.edit(sampler, image, source, source, method='inversion',
-                                           steps=steps, guidance=1.0)
+    reconstruction, edited = generate.edit(
+      sampler, image, source, source, method='inversion', steps=steps, guidance=1.0
+    )
     np.testing.assert_allclose(reconstruction, edited, atol=1e-5)  # Nothing set: the same.
     return np.abs(reconstruction - image).mean()
 
@@ -187,48 +263,128 @@ def test_inversion_with_nothing_set_reconstructs_the_photo(sampler, face):
 
 
 def test_edit_cli_sdedit_writes_panel_and_changes_the_image(workdir, face, tmp_path):
-  code = cli.main(['edit', '--workdir', workdir, '--image', face, '--source', 'Smiling',
-                   '--set', 'Eyeglasses,-Smiling', '--method', 'sdedit', '--strength', '0.6',
-                   '--steps', '10', '--out', str(tmp_path / 'panel.png'),
-                   '--out-dir', str(tmp_path / 'edits')])
+  code = cli.main(
+    [
+      'edit',
+      '--workdir',
+      workdir,
+      '--image',
+      face,
+      '--source',
+      'Smiling',
+      '--set',
+      'Eyeglasses,-Smiling',
+      '--method',
+      'sdedit',
+      '--strength',
+      '0.6',
+      '--steps',
+      '10',
+      '--out',
+      str(tmp_path / 'panel.png'),
+      '--out-dir',
+      str(tmp_path / 'edits'),
+    ]
+  )
   assert code == 0
   panel = np.asarray(Image.open(tmp_path / 'panel.png')).astype(np.float32)
   assert panel.shape == (18 + 2, 3 * 18 + 2, 3)  # original | reconstruction | edit
   original, edited = panel[2:18, 2:18], panel[2:18, 38:54]
-  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'edits' / 'edit_0000.png')),
-                                edited.astype(np.uint8))
+  np.testing.assert_array_equal(
+    np.asarray(Image.open(tmp_path / 'edits' / 'edit_0000.png')), edited.astype(np.uint8)
+  )
   assert np.abs(edited - original).mean() > 5  # Out of 255: noised to 60% of T, not a copy.
 
 
 def test_edit_source_auto_reads_the_attributes_with_a_real_classifier(workdir, face, tmp_path):
   clf = str(tmp_path / 'clf')
   config = checkpoints.load_config(workdir)
-  data = [f'--config.data.manual_dir={config.data.manual_dir}',
-          f'--config.data.data_dir={config.data.data_dir}']
-  assert cli.main(['train-classifier', '--config', 'configs/test.py', '--workdir', clf,
-                   '--config.classifier.width=8', '--config.classifier.num_steps=2', *data]) == 0
-  code = cli.main(['edit', '--workdir', workdir, '--image', face, '--source', 'auto',
-                   '--classifier', clf, '--set', 'Eyeglasses', '--steps', '4',
-                   '--out', str(tmp_path / 'panel.png')])
+  data = [
+    f'--config.data.manual_dir={config.data.manual_dir}',
+    f'--config.data.data_dir={config.data.data_dir}',
+  ]
+  assert (
+    cli.main(
+      [
+        'train-classifier',
+        '--config',
+        'configs/test.py',
+        '--workdir',
+        clf,
+        '--config.classifier.width=8',
+        '--config.classifier.num_steps=2',
+        *data,
+      ]
+    )
+    == 0
+  )
+  code = cli.main(
+    [
+      'edit',
+      '--workdir',
+      workdir,
+      '--image',
+      face,
+      '--source',
+      'auto',
+      '--classifier',
+      clf,
+      '--set',
+      'Eyeglasses',
+      '--steps',
+      '4',
+      '--out',
+      str(tmp_path / 'panel.png'),
+    ]
+  )
   assert code == 0
   assert np.asarray(Image.open(tmp_path / 'panel.png')).shape == (18 + 2, 3 * 18 + 2, 3)
 
 
 def test_interpolate_gif_alone_is_enough_output(workdir, tmp_path):
-  assert cli.main(['interpolate', '--workdir', workdir, '--frames', '2', '--sampler', 'dpm++',
-                   '--steps', '2', '--gif', str(tmp_path / 'a.gif')]) == 0
+  assert (
+    cli.main(
+      [
+        'interpolate',
+        '--workdir',
+        workdir,
+        '--frames',
+        '2',
+        '--sampler',
+        'dpm++',
+        '--steps',
+        '2',
+        '--gif',
+        str(tmp_path / 'a.gif'),
+      ]
+    )
+    == 0
+  )
   assert Image.open(tmp_path / 'a.gif').size == (18 + 2, 18 + 2)
 
 
 def test_edit_source_auto_without_a_classifier_asks_for_source(workdir, face, tmp_path, capsys):
-  code = cli.main(['edit', '--workdir', workdir, '--image', face, '--source', 'auto',
-                   '--out', str(tmp_path / 'p.png')])
+  code = cli.main(
+    [
+      'edit',
+      '--workdir',
+      workdir,
+      '--image',
+      face,
+      '--source',
+      'auto',
+      '--out',
+      str(tmp_path / 'p.png'),
+    ]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1
   assert '--source' in err[0] and 'train-classifier' in err[0]
 
 
-@pytest.mark.parametrize('args, expected', [
+@pytest.mark.parametrize(
+  'args, expected',
+  [
     (['sample', '--attributes', 'Smilling'], 'did you mean Smiling'),
     (['sample', '--attributes', '3,-7'], "40 attributes of dataset 'celeba'"),
     (['sample', '--guidance', '1,x'], 'comma-separated list of numbers'),
@@ -241,10 +397,14 @@ def test_edit_source_auto_without_a_classifier_asks_for_source(workdir, face, tm
     (['interpolate', '--frames', '1'], 'at least 2 frames'),
     (['edit', '--image', 'missing.jpg'], 'cannot read image'),
     (['edit', '--image', __file__], 'cannot read image'),
-    (['edit', '--image', 'FACE'], 'give the photo\'s attributes with --source'),
+    (['edit', '--image', 'FACE'], "give the photo's attributes with --source"),
     (['edit', '--image', 'FACE', '--source', '', '--method', 'blend'], 'unknown edit method'),
-    (['edit', '--image', 'FACE', '--source', '', '--method', 'sdedit', '--strength', '1.5'], 'strength'),
-])
+    (
+      ['edit', '--image', 'FACE', '--source', '', '--method', 'sdedit', '--strength', '1.5'],
+      'strength',
+    ),
+  ],
+)
 def test_user_errors_are_one_line_and_exit_2(workdir, face, tmp_path, capsys, args, expected):
   args = [face if a == 'FACE' else a for a in args]
   code = cli.main(args + ['--workdir', workdir, '--out', str(tmp_path / 'x.png')])

@@ -1,4 +1,5 @@
 """The FID Inception port: architecture, the safe .pth reader, weight loading, determinism."""
+
 import collections
 import io
 import os
@@ -63,7 +64,11 @@ class _FakeTorch:
 
     def _rebuild_tensor_v2(*args):
       raise AssertionError('only used for pickling')
-    _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = 'torch._utils', '_rebuild_tensor_v2'
+
+    _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = (
+      'torch._utils',
+      '_rebuild_tensor_v2',
+    )
     utils._rebuild_tensor_v2 = _rebuild_tensor_v2
     torch_module._utils = utils
     monkeypatch.setitem(sys.modules, 'torch', torch_module)
@@ -82,8 +87,10 @@ class _Tensor:
 
   def __reduce__(self):
     strides = tuple(int(s) for s in np.cumprod((1,) + self.shape[::-1])[:-1][::-1])
-    return (sys.modules['torch._utils']._rebuild_tensor_v2,
-            (self.storage, 0, self.shape, strides, False, collections.OrderedDict()))
+    return (
+      sys.modules['torch._utils']._rebuild_tensor_v2,
+      (self.storage, 0, self.shape, strides, False, collections.OrderedDict()),
+    )
 
 
 def _pickle_state_dict(state_dict, torch_module, legacy):
@@ -101,6 +108,7 @@ def _pickle_state_dict(state_dict, torch_module, legacy):
       kind = torch_module.LongStorage if obj.array.dtype == np.int64 else torch_module.FloatStorage
       pid = ('storage', kind, obj.key, 'cpu', obj.array.size)
       return pid + (None,) if legacy else pid
+
   buffer = io.BytesIO()
   Pickler(buffer, protocol=2).dump(tensors)
   return buffer.getvalue(), storages
@@ -142,6 +150,7 @@ def test_reader_refuses_code_and_never_runs_it(tmp_path):
   class Exploit:
     def __reduce__(self):
       return os.system, (f'touch {marker}',)
+
   path = str(tmp_path / 'evil.pth')
   with zipfile.ZipFile(path, 'w') as archive:
     archive.writestr('archive/data.pkl', pickle.dumps({'x': Exploit()}, protocol=2))
@@ -160,10 +169,14 @@ def pth_variables(state_dict, tmp_path_factory):
 
 def test_loaded_weights_are_placed_in_flax_layout(state_dict, pth_variables):
   kernel = np.asarray(pth_variables['params']['Mixed_6b']['branch7x7_2']['conv']['kernel'])
-  np.testing.assert_array_equal(kernel, state_dict['Mixed_6b.branch7x7_2.conv.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    kernel, state_dict['Mixed_6b.branch7x7_2.conv.weight'].transpose(2, 3, 1, 0)
+  )
   assert kernel.shape == (1, 7, 128, 128)
-  np.testing.assert_array_equal(pth_variables['batch_stats']['Mixed_7c']['branch_pool']['bn']['var'],
-                                state_dict['Mixed_7c.branch_pool.bn.running_var'])
+  np.testing.assert_array_equal(
+    pth_variables['batch_stats']['Mixed_7c']['branch_pool']['bn']['var'],
+    state_dict['Mixed_7c.branch_pool.bn.running_var'],
+  )
 
 
 def test_npz_weights_load_identically(state_dict, pth_variables, tmp_path):
@@ -182,8 +195,9 @@ def test_features_shape_and_determinism(pth_variables):
   np.testing.assert_array_equal(first, second)
   assert np.abs(first[0] - first[1]).max() > 1e-3 * np.abs(first).max()  # Not a constant output.
   gray = rng.uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(features(gray)), np.asarray(features(np.repeat(gray, 3, -1))),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(features(gray)), np.asarray(features(np.repeat(gray, 3, -1))), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_features_equal_pytorch_fid_on_the_same_weights(state_dict):

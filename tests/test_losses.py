@@ -5,8 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiff_jax.diffusion import (diffusion_loss, drop_condition, make_schedule, min_snr_weight,
-                                 predict_eps_and_x0, q_sample, training_target)
+from fdiff_jax.diffusion import (
+  diffusion_loss,
+  drop_condition,
+  make_schedule,
+  min_snr_weight,
+  predict_eps_and_x0,
+  q_sample,
+  training_target,
+)
 from fdiff_jax.errors import UserError
 
 SCHEDULE = make_schedule('linear', 100)
@@ -52,8 +59,9 @@ def test_output_conversion_inverts_the_target(prediction):
   np.testing.assert_allclose(x0_hat, x0, atol=2e-4)
   if prediction == 'v':  # v = sqrt(ab) eps - sqrt(1 - ab) x0, checked at t = 99.
     ab = float(SCHEDULE.alpha_bars[99])
-    np.testing.assert_allclose(target[2], np.sqrt(ab) * noise[2] - np.sqrt(1 - ab) * x0[2],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      target[2], np.sqrt(ab) * noise[2] - np.sqrt(1 - ab) * x0[2], atol=1e-6
+    )
 
 
 def test_drop_condition_rates():
@@ -86,9 +94,16 @@ def test_min_snr_weight_values():
 @pytest.mark.parametrize('prediction', ['eps', 'v'])
 def test_exact_model_has_zero_loss(prediction):
   x_star = jax.random.uniform(jax.random.key(6), (8, 4, 4, 3), minval=-1, maxval=1)
-  loss_fn = jax.jit(lambda offset: diffusion_loss(
-      _exact_model(SCHEDULE, x_star, prediction, offset), SCHEDULE, x_star, None,
-      jax.random.key(7), prediction=prediction))
+  loss_fn = jax.jit(
+    lambda offset: diffusion_loss(
+      _exact_model(SCHEDULE, x_star, prediction, offset),
+      SCHEDULE,
+      x_star,
+      None,
+      jax.random.key(7),
+      prediction=prediction,
+    )
+  )
   assert float(loss_fn(0.0)) < 1e-8
   assert float(loss_fn(0.5)) == pytest.approx(0.25, rel=1e-3)
 
@@ -99,9 +114,11 @@ def test_min_snr_weighting_of_the_loss(prediction):
   x_star = jax.random.uniform(jax.random.key(8), (16, 4, 4, 3), minval=-1, maxval=1)
   seen_t = []
   model_fn = _exact_model(SCHEDULE, x_star, prediction, offset=1.0, seen_t=seen_t)
-  loss = jax.jit(lambda key: diffusion_loss(model_fn, SCHEDULE, x_star, None, key,
-                                            prediction=prediction, min_snr_gamma=5.0))(
-                                                jax.random.key(9))
+  loss = jax.jit(
+    lambda key: diffusion_loss(
+      model_fn, SCHEDULE, x_star, None, key, prediction=prediction, min_snr_gamma=5.0
+    )
+  )(jax.random.key(9))
   snr = np.asarray(SCHEDULE.snr, np.float64)[seen_t[0]]
   weights = np.minimum(snr, 5.0) / (snr if prediction == 'eps' else snr + 1)
   assert len(np.unique(weights)) > 1
@@ -124,5 +141,6 @@ def test_loss_feeds_the_model_dropped_conditions():
 
 def test_unknown_prediction_is_user_error():
   with pytest.raises(UserError, match='unknown prediction'):
-    training_target(SCHEDULE, jnp.zeros((1, 1)), jnp.zeros((1,), jnp.int32),
-                    jnp.zeros((1, 1)), 'x0')
+    training_target(
+      SCHEDULE, jnp.zeros((1, 1)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1)), 'x0'
+    )

@@ -8,6 +8,7 @@ restart to the end. The tests check what each phase left behind. Every process
 is bounded by a timeout and killed if it overruns. The module's tests share one
 xdist worker (pyproject sets `--dist loadscope`), so the fixture runs once.
 """
+
 import contextlib
 import functools
 import os
@@ -56,31 +57,50 @@ def free_port():
 
 def train_args(celeba_dirs, workdir, num_steps, checkpoint_every):
   """`fdiff train` on configs/test.py, logging every step; a sample grid at the last step only."""
-  return ['train', '--config', 'configs/test.py', '--workdir', workdir,
-          f'--config.data.manual_dir={celeba_dirs[0]}', f'--config.data.data_dir={celeba_dirs[1]}',
-          f'--config.train.num_steps={num_steps}', '--config.train.keep_checkpoints=100',
-          f'--config.train.checkpoint_every={checkpoint_every}',
-          '--config.train.sample_every=100000']
+  return [
+    'train',
+    '--config',
+    'configs/test.py',
+    '--workdir',
+    workdir,
+    f'--config.data.manual_dir={celeba_dirs[0]}',
+    f'--config.data.data_dir={celeba_dirs[1]}',
+    f'--config.train.num_steps={num_steps}',
+    '--config.train.keep_checkpoints=100',
+    f'--config.train.checkpoint_every={checkpoint_every}',
+    '--config.train.sample_every=100000',
+  ]
 
 
 class Job:
   """`fdiff train` as N local processes with D CPU devices each; output in log files."""
 
   def __init__(self, args, log_prefix, num_processes=2, devices=2):
-    env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env = dict(
+      os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+    )
     multihost = []
     if num_processes > 1:
-      multihost = ['--coordinator_address', f'127.0.0.1:{free_port()}',
-                   '--num_processes', str(num_processes)]
+      multihost = [
+        '--coordinator_address',
+        f'127.0.0.1:{free_port()}',
+        '--num_processes',
+        str(num_processes),
+      ]
     self.logs = [f'{log_prefix}_{i}.log' for i in range(num_processes)]
     self.procs = []
     for i, log in enumerate(self.logs):
       with open(log, 'w') as out:
         ids = ['--process_id', str(i)] if multihost else []
-        self.procs.append(subprocess.Popen(
-            [sys.executable, '-m', 'fdiff_jax', *args, *multihost, *ids], cwd=REPO, env=env,
-            stdout=out, stderr=subprocess.STDOUT))
+        self.procs.append(
+          subprocess.Popen(
+            [sys.executable, '-m', 'fdiff_jax', *args, *multihost, *ids],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+          )
+        )
     self.deadline = time.time() + PHASE_TIMEOUT_S
 
   def output(self, i):
@@ -89,8 +109,9 @@ class Job:
 
   def fail(self, message):
     self.kill()
-    tails = '\n'.join(f'--- process {i} ---\n{self.output(i)[-3000:]}'
-                      for i in range(len(self.logs)))
+    tails = '\n'.join(
+      f'--- process {i} ---\n{self.output(i)[-3000:]}' for i in range(len(self.logs))
+    )
     pytest.fail(f'{message}\n{tails}')
 
   def kill(self):
@@ -158,13 +179,19 @@ def logged_losses(workdir):
 def launch_local(args, log_dir):
   """launch/local_multiprocess.sh with 2 processes, as a user runs it: its exit status and logs."""
   env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), LOG_DIR=log_dir)
-  proc = subprocess.Popen(['bash', os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '2',
-                           *args[1:]], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  proc = subprocess.Popen(
+    ['bash', os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '2', *args[1:]],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
   try:
     _, err = proc.communicate(timeout=PHASE_TIMEOUT_S)
   except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)   # The script and both training processes.
+    os.killpg(proc.pid, signal.SIGKILL)  # The script and both training processes.
     _, err = proc.communicate()
   return {'returncode': proc.returncode, 'stderr': err, 'logs': sorted(os.listdir(log_dir))}
 
@@ -180,16 +207,22 @@ def runs(celeba_dirs, tmp_path_factory):
     return running(Job(args, str(root / phase), **processes))
 
   with start('reference', 'reference', num_processes=1, devices=4) as reference:
-    launcher = launch_local(train_args(celeba_dirs, workdirs['uninterrupted'], NUM_STEPS, NUM_STEPS),
-                            str(root / 'launcher_logs'))
+    launcher = launch_local(
+      train_args(celeba_dirs, workdirs['uninterrupted'], NUM_STEPS, NUM_STEPS),
+      str(root / 'launcher_logs'),
+    )
     assert launcher['returncode'] == 0, launcher['stderr'][-3000:]
     assert reference.wait() == [0], reference.output(0)[-3000:]
   workdir = workdirs['interrupted']
   with start('interrupted', 'sigterm', num_steps=1000, checkpoint_every=2) as job:
     job.wait_for_checkpoint(workdir, after=0)
     job.procs[1].send_signal(signal.SIGTERM)
-    sigterm = {'returncodes': job.wait(), 'outputs': [job.output(i) for i in range(2)],
-               'steps': checkpoint_steps(workdir), 'pid': job.procs[0].pid}
+    sigterm = {
+      'returncodes': job.wait(),
+      'outputs': [job.output(i) for i in range(2)],
+      'steps': checkpoint_steps(workdir),
+      'pid': job.procs[0].pid,
+    }
   with start('interrupted', 'sigkill', num_steps=1000, checkpoint_every=2) as job:
     job.wait_for_checkpoint(workdir, after=sigterm['steps'][-1])
     job.kill()
@@ -197,8 +230,13 @@ def runs(celeba_dirs, tmp_path_factory):
   with start('interrupted', 'resumed', checkpoint_every=2) as job:
     assert job.wait() == [0, 0], job.output(0)[-3000:]
     resumed = {'pid': job.procs[0].pid}
-  return {**workdirs, 'launcher': launcher, 'sigterm': sigterm, 'sigkill': sigkill,
-          'resumed': resumed}
+  return {
+    **workdirs,
+    'launcher': launcher,
+    'sigterm': sigterm,
+    'sigkill': sigkill,
+    'resumed': resumed,
+  }
 
 
 def only_writer(workdir):
@@ -219,10 +257,11 @@ def test_two_processes_reproduce_the_one_process_losses(runs):
 def test_sigterm_to_one_process_gives_one_consistent_checkpoint_and_clean_exits(runs):
   sigterm = runs['sigterm']
   assert sigterm['returncodes'] == [0, 0], sigterm['outputs'][1][-3000:]
-  stopped = [re.findall(r'SIGTERM: saved a checkpoint at step (\d+)', out)
-             for out in sigterm['outputs']]
+  stopped = [
+    re.findall(r'SIGTERM: saved a checkpoint at step (\d+)', out) for out in sigterm['outputs']
+  ]
   step = sigterm['steps'][-1]
-  assert stopped == [[str(step)], [str(step)]], stopped   # Both agreed on the step it saved.
+  assert stopped == [[str(step)], [str(step)]], stopped  # Both agreed on the step it saved.
   assert 2 < step < 1000
   assert int(restore_state(runs['interrupted'], step).step) == step
 
@@ -233,7 +272,7 @@ def test_restart_after_sigkill_ends_with_the_uninterrupted_parameters(runs):
   losses = logged_losses(runs['interrupted'])
   before, after = losses[runs['sigterm']['pid']], losses[runs['resumed']['pid']]
   assert sorted(before) == list(range(1, stopped + 1))
-  assert sorted(after) == list(range(killed + 1, NUM_STEPS + 1))   # Restarted at the checkpoint.
+  assert sorted(after) == list(range(killed + 1, NUM_STEPS + 1))  # Restarted at the checkpoint.
   uninterrupted = only_writer(runs['uninterrupted'])
   assert {**before, **after} == {s: uninterrupted[s] for s in [*before, *after]}
   resumed = restore_state(runs['interrupted'], NUM_STEPS)
@@ -243,13 +282,16 @@ def test_restart_after_sigkill_ends_with_the_uninterrupted_parameters(runs):
 
 
 def test_only_process_0_writes_logs_config_and_samples(runs):
-  writers = {int(name.split('.')[-3]) for name in os.listdir(runs['interrupted'])
-             if name.startswith('events.out.tfevents.')}   # The writer's pid is in the name.
+  writers = {
+    int(name.split('.')[-3])
+    for name in os.listdir(runs['interrupted'])
+    if name.startswith('events.out.tfevents.')
+  }  # The writer's pid is in the name.
   process_0 = {runs[r]['pid'] for r in ('sigterm', 'sigkill', 'resumed')}
   assert {runs['sigterm']['pid'], runs['resumed']['pid']} <= writers <= process_0
   assert os.path.isfile(os.path.join(runs['interrupted'], checkpoints.CONFIG_FILE))
   samples = os.listdir(os.path.join(runs['interrupted'], 'samples'))
-  assert samples == [f'step_{NUM_STEPS:07d}.png']   # Sampled on all processes, saved by one.
+  assert samples == [f'step_{NUM_STEPS:07d}.png']  # Sampled on all processes, saved by one.
 
 
 @pytest.fixture
@@ -276,17 +318,31 @@ def test_incomplete_or_inconsistent_settings_are_user_errors(no_multihost_env, m
 
 
 def test_cli_reports_bad_multihost_flags_in_one_line(no_multihost_env, tmp_path, capsys):
-  code = cli.main(['train', '--config', 'configs/test.py', '--workdir', str(tmp_path),
-                   '--num_processes', '2', '--process_id', '0'])
+  code = cli.main(
+    [
+      'train',
+      '--config',
+      'configs/test.py',
+      '--workdir',
+      str(tmp_path),
+      '--num_processes',
+      '2',
+      '--process_id',
+      '0',
+    ]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and 'coordinator_address' in err[0]
 
 
 def test_launch_scripts_are_shellcheck_clean():
-  scripts = [os.path.join(REPO, 'launch', name) for name in
-             ('tpu_vm.sh', 'slurm.sbatch', 'local_multiprocess.sh')]
-  out = subprocess.run(['shellcheck', '--shell=bash', *scripts], capture_output=True, text=True,
-                       timeout=120)
+  scripts = [
+    os.path.join(REPO, 'launch', name)
+    for name in ('tpu_vm.sh', 'slurm.sbatch', 'local_multiprocess.sh')
+  ]
+  out = subprocess.run(
+    ['shellcheck', '--shell=bash', *scripts], capture_output=True, text=True, timeout=120
+  )
   assert out.returncode == 0, out.stdout[-3000:]
 
 

@@ -1,4 +1,5 @@
 """Input pipeline: shapes, range, determinism, exact resume, sharding, eval."""
+
 import itertools
 import os
 import subprocess
@@ -50,16 +51,17 @@ def _assert_same(batches, others):
 
 
 def _concat(batches):
-  return {key: np.concatenate([b[key] for b in batches])
-          for key in ('image', 'attributes')}
+  return {key: np.concatenate([b[key] for b in batches]) for key in ('image', 'attributes')}
 
 
 @pytest.fixture
 def processes(monkeypatch):
   """Pretends to be process `index` of `count` (what jax reports per host)."""
+
   def pretend(index, count):
     monkeypatch.setattr(jax, 'process_index', lambda: index)
     monkeypatch.setattr(jax, 'process_count', lambda: count)
+
   return pretend
 
 
@@ -87,8 +89,10 @@ def test_each_epoch_is_a_permutation_of_the_split(config):
   config.data.random_flip = False
   epoch = _concat(_take(data.create_train_iterator(config), 32 // BATCH))
   stored = _concat(list(data.create_eval_iterator(config, split='train')))
+
   def rows(batch):
     return sorted(map(bytes, batch['image'].reshape(32, -1)))
+
   assert rows(epoch) == rows(stored)
   assert not np.array_equal(epoch['image'], stored['image'])  # Shuffled.
 
@@ -103,9 +107,11 @@ def test_resume_at_step_equals_skipping(config, start_step):
 def test_resume_does_not_read_the_skipped_batches(config, monkeypatch):
   reads = []
   original = sources.Split.__getitem__
+
   def counting(self, index):
     reads.append(int(index))
     return original(self, index)
+
   monkeypatch.setattr(sources.Split, '__getitem__', counting)
   next(data.create_train_iterator(config, start_step=10_000))
   assert 0 < len(reads) < 1000  # Skipping replayed would be 80,000 reads.
@@ -151,15 +157,16 @@ def test_eval_is_one_ordered_pass_keeping_the_last_batch(config):
   assert data.num_examples(config, 'validation') == 4
 
 
-@pytest.mark.parametrize('global_batch, sizes', [
+@pytest.mark.parametrize(
+  'global_batch, sizes',
+  [
     (2, [[1, 1], [1, 1]]),  # 4 examples, 2 processes of 1.
     (6, [[3], [1]]),
     (8, [[4], [0]]),  # Process 1 gets an empty batch, same batch count.
-])
-def test_eval_shards_keep_batch_counts_equal(config, processes, global_batch,
-                                            sizes):
-  whole = _concat(list(data.create_eval_iterator(config,
-                                                 batch_size=global_batch)))
+  ],
+)
+def test_eval_shards_keep_batch_counts_equal(config, processes, global_batch, sizes):
+  whole = _concat(list(data.create_eval_iterator(config, batch_size=global_batch)))
   parts = []
   for index in range(2):
     processes(index, 2)
@@ -196,10 +203,13 @@ def test_changed_manual_files_are_prepared_again(config, tmp_path):
   assert data.num_examples(config, 'train') == 40
 
 
-@pytest.mark.parametrize('manual_dir, message', [
+@pytest.mark.parametrize(
+  'manual_dir, message',
+  [
     ('', 'needs config.data.manual_dir'),
     ('/nonexistent/celeba', "'/nonexistent/celeba' does not exist"),
-])
+  ],
+)
 def test_celeba_without_files_is_a_user_error(config, manual_dir, message):
   config.data.manual_dir = manual_dir
   with pytest.raises(UserError, match=message):
@@ -208,7 +218,7 @@ def test_celeba_without_files_is_a_user_error(config, manual_dir, message):
 
 def test_process_exits_with_live_iterators(config):
   """A live pipeline at exit used to deadlock Python's shutdown."""
-  script = textwrap.dedent(f'''
+  script = textwrap.dedent(f"""
       import configs.default
       from fdiff_jax import data
       config = configs.default.get_config()
@@ -219,11 +229,16 @@ def test_process_exits_with_live_iterators(config):
       evaluation = data.create_eval_iterator(config)
       next(train), next(evaluation)
       print('ok')
-  ''')
+  """)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, '-c', script], cwd=root,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  result = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.splitlines()[-1] == 'ok'
 
@@ -245,5 +260,5 @@ def test_tfds_celeb_a_maps_to_the_same_40_attributes(config, tmp_path):
   assert set(np.unique(batch['attributes'])) <= {-1.0, 1.0}
   expected = [1 if flags[name] else -1 for name in data.CELEBA_ATTRIBUTES]
   np.testing.assert_array_equal(
-      sources.DATASETS['celeb_a'].to_attributes({'attributes': flags}),
-      expected)
+    sources.DATASETS['celeb_a'].to_attributes({'attributes': flags}), expected
+  )

@@ -28,8 +28,7 @@ def test_linear_betas_span_ddpm_range_scaled_by_length(timesteps):
   scale = 1000 / timesteps
   assert s.betas.shape == (timesteps,)
   np.testing.assert_allclose(s.betas[[0, -1]], [1e-4 * scale, 0.02 * scale], rtol=1e-6)
-  np.testing.assert_allclose(np.diff(s.betas), (0.02 - 1e-4) * scale / (timesteps - 1),
-                             rtol=1e-4)
+  np.testing.assert_allclose(np.diff(s.betas), (0.02 - 1e-4) * scale / (timesteps - 1), rtol=1e-4)
 
 
 def test_linear_alpha_bar_is_product_of_alphas():
@@ -61,15 +60,18 @@ def test_posterior_matches_gaussian_conditioning(kind):
   beta, alpha = betas[1:], 1 - betas[1:]
   variance = 1 / (1 / (1 - ab_prev) + alpha / beta)
   np.testing.assert_allclose(s.posterior_variance[1:], variance, rtol=1e-5)
-  np.testing.assert_allclose(s.posterior_mean_coef1[1:], variance * np.sqrt(ab_prev)
-                             / (1 - ab_prev), rtol=1e-5)
-  np.testing.assert_allclose(s.posterior_mean_coef2[1:], variance * np.sqrt(alpha) / beta,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    s.posterior_mean_coef1[1:], variance * np.sqrt(ab_prev) / (1 - ab_prev), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    s.posterior_mean_coef2[1:], variance * np.sqrt(alpha) / beta, rtol=1e-5
+  )
   # At t = 0 the posterior is the point x0.
   assert s.posterior_variance[0] == 0
   assert (s.posterior_mean_coef1[0], s.posterior_mean_coef2[0]) == (pytest.approx(1), 0)
-  np.testing.assert_allclose(s.posterior_log_variance_clipped[1:],
-                             np.log(s.posterior_variance[1:]), rtol=1e-5)
+  np.testing.assert_allclose(
+    s.posterior_log_variance_clipped[1:], np.log(s.posterior_variance[1:]), rtol=1e-5
+  )
   assert s.posterior_log_variance_clipped[0] == s.posterior_log_variance_clipped[1]
 
 
@@ -80,8 +82,7 @@ def test_snr_and_square_roots(kind):
   np.testing.assert_allclose(s.alpha_bars, ab, rtol=1e-5)
   np.testing.assert_allclose(s.snr, ab / (1 - ab), rtol=1e-5)
   np.testing.assert_allclose(s.log_snr, np.log(s.snr), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(s.sqrt_alpha_bars ** 2 + s.sqrt_one_minus_alpha_bars ** 2, 1,
-                             rtol=1e-6)
+  np.testing.assert_allclose(s.sqrt_alpha_bars**2 + s.sqrt_one_minus_alpha_bars**2, 1, rtol=1e-6)
   assert np.all(np.diff(s.log_snr) < 0)
 
 

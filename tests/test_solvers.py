@@ -7,8 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fdiff_jax.diffusion import (ddim_invert, ddim_sigma, dpmpp_2m_sample, guided_output,
-                                 make_schedule, sample, sampling_timesteps)
+from fdiff_jax.diffusion import (
+  ddim_invert,
+  ddim_sigma,
+  dpmpp_2m_sample,
+  guided_output,
+  make_schedule,
+  sample,
+  sampling_timesteps,
+)
 from fdiff_jax.errors import UserError
 
 SHAPE = (2, 4, 4, 3)
@@ -19,8 +26,10 @@ X_T = jax.random.normal(jax.random.key(1), SHAPE)
 
 def _coefficients(schedule, t):
   """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) shaped to broadcast over images."""
-  return (schedule.sqrt_alpha_bars[t][:, None, None, None],
-          schedule.sqrt_one_minus_alpha_bars[t][:, None, None, None])
+  return (
+    schedule.sqrt_alpha_bars[t][:, None, None, None],
+    schedule.sqrt_one_minus_alpha_bars[t][:, None, None, None],
+  )
 
 
 def _as_output(schedule, t, eps, x0, prediction):
@@ -67,30 +76,72 @@ GAUSS_STD = 0.5
 GAUSS = (GAUSS_MEAN, GAUSS_STD)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'prediction', 'sampler', 'steps', 'eta',
-                                             'clip_x0'))
-def _sample(schedule, model_params, x_T, attributes, rng, guidance=1.0, *, model, sampler,
-            steps, eta=0.0, prediction='eps', clip_x0=True):
+@functools.partial(
+  jax.jit, static_argnames=('model', 'prediction', 'sampler', 'steps', 'eta', 'clip_x0')
+)
+def _sample(
+  schedule,
+  model_params,
+  x_T,
+  attributes,
+  rng,
+  guidance=1.0,
+  *,
+  model,
+  sampler,
+  steps,
+  eta=0.0,
+  prediction='eps',
+  clip_x0=True,
+):
   """`sample` with model = model(schedule, model_params, prediction), compiled once per setup."""
-  return sample(model(schedule, model_params, prediction), schedule, x_T, attributes, rng,
-                sampler=sampler, steps=steps, guidance=guidance, eta=eta,
-                prediction=prediction, clip_x0=clip_x0)
+  return sample(
+    model(schedule, model_params, prediction),
+    schedule,
+    x_T,
+    attributes,
+    rng,
+    sampler=sampler,
+    steps=steps,
+    guidance=guidance,
+    eta=eta,
+    prediction=prediction,
+    clip_x0=clip_x0,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'prediction', 'steps'))
-def _invert(schedule, model_params, x0, attributes, guidance=1.0, *, model, steps,
-            prediction='eps'):
+def _invert(
+  schedule, model_params, x0, attributes, guidance=1.0, *, model, steps, prediction='eps'
+):
   """`ddim_invert`, compiled like _sample."""
-  return ddim_invert(model(schedule, model_params, prediction), schedule, x0, attributes,
-                     steps=steps, guidance=guidance, prediction=prediction)
+  return ddim_invert(
+    model(schedule, model_params, prediction),
+    schedule,
+    x0,
+    attributes,
+    steps=steps,
+    guidance=guidance,
+    prediction=prediction,
+  )
 
 
 @pytest.mark.parametrize('kind', ['linear', 'cosine'])
 @pytest.mark.parametrize('prediction', ['eps', 'v'])
 @pytest.mark.parametrize('sampler,steps', [('ddpm', 1000), ('ddim', 50), ('dpm++', 20)])
 def test_samplers_return_the_single_training_image(kind, prediction, sampler, steps):
-  out = _sample(make_schedule(kind), X_STAR, X_T, ATTRS, jax.random.key(3), 3.0,
-                model=single_image_model, sampler=sampler, steps=steps, prediction=prediction)
+  out = _sample(
+    make_schedule(kind),
+    X_STAR,
+    X_T,
+    ATTRS,
+    jax.random.key(3),
+    3.0,
+    model=single_image_model,
+    sampler=sampler,
+    steps=steps,
+    prediction=prediction,
+  )
   np.testing.assert_allclose(out, X_STAR, atol=1e-5)
 
 
@@ -106,8 +157,18 @@ def test_sampling_timesteps_grid():
 
 
 def test_ddim_eta0_is_deterministic_and_eta1_is_not():
-  run = lambda key, eta: _sample(make_schedule('linear', 100), GAUSS, X_T, ATTRS, key, 2.0,
-                                 model=gaussian_model, sampler='ddim', steps=20, eta=eta)
+  run = lambda key, eta: _sample(
+    make_schedule('linear', 100),
+    GAUSS,
+    X_T,
+    ATTRS,
+    key,
+    2.0,
+    model=gaussian_model,
+    sampler='ddim',
+    steps=20,
+    eta=eta,
+  )
   np.testing.assert_array_equal(run(jax.random.key(4), 0.0), run(jax.random.key(5), 0.0))
   assert float(jnp.abs(run(jax.random.key(4), 1.0) - run(jax.random.key(5), 1.0)).max()) > 0.1
 
@@ -123,8 +184,9 @@ def test_ddim_eta1_sigma_is_the_ddpm_posterior_std(kind):
 def test_ddim_eta1_over_all_steps_is_ddpm():
   """Same keys, same noise per step: the two samplers follow the same path."""
   schedule = make_schedule('cosine', 100)
-  run = functools.partial(_sample, schedule, GAUSS, X_T, ATTRS, jax.random.key(6), 2.0,
-                          model=gaussian_model, steps=100)
+  run = functools.partial(
+    _sample, schedule, GAUSS, X_T, ATTRS, jax.random.key(6), 2.0, model=gaussian_model, steps=100
+  )
   ddpm = run(sampler='ddpm')
   np.testing.assert_allclose(run(sampler='ddim', eta=1.0), ddpm, atol=1e-4)
   assert float(jnp.std(ddpm - gaussian_flow(schedule, GAUSS_MEAN, GAUSS_STD, X_T))) > 0.1
@@ -134,15 +196,27 @@ def _flow_error(sampler, steps):
   """Mean |sample - exact ODE solution| for Gaussian data on the cosine schedule."""
   schedule = make_schedule('cosine')
   x_T = jax.random.normal(jax.random.key(7), (8,) + SHAPE[1:])
-  out = _sample(schedule, GAUSS, x_T, None, jax.random.key(8), model=gaussian_model,
-                sampler=sampler, steps=steps, clip_x0=False)
+  out = _sample(
+    schedule,
+    GAUSS,
+    x_T,
+    None,
+    jax.random.key(8),
+    model=gaussian_model,
+    sampler=sampler,
+    steps=steps,
+    clip_x0=False,
+  )
   return float(jnp.mean(jnp.abs(out - gaussian_flow(schedule, GAUSS_MEAN, GAUSS_STD, x_T))))
 
 
 def test_deterministic_samplers_solve_the_ode():
   """DDIM converges at first order; DPM-Solver++(2M) is far more accurate at equal steps."""
-  ddim_20, ddim_40, dpmpp_20 = _flow_error('ddim', 20), _flow_error('ddim', 40), _flow_error(
-      'dpm++', 20)
+  ddim_20, ddim_40, dpmpp_20 = (
+    _flow_error('ddim', 20),
+    _flow_error('ddim', 40),
+    _flow_error('dpm++', 20),
+  )
   assert 0.4 < ddim_40 / ddim_20 < 0.6
   assert dpmpp_20 < ddim_20 / 10 and dpmpp_20 < 0.003
 
@@ -167,8 +241,9 @@ def test_ddim_inversion_is_exact_when_eps_does_not_depend_on_x(prediction):
   setup = dict(model=_x_independent_model, steps=25, prediction=prediction)
   x_T = _invert(schedule, field, X_STAR, ATTRS, 3.0, **setup)
   assert float(jnp.abs(x_T - X_STAR).mean()) > 0.5
-  back = _sample(schedule, field, x_T, ATTRS, jax.random.key(10), 3.0, sampler='ddim',
-                 clip_x0=False, **setup)
+  back = _sample(
+    schedule, field, x_T, ATTRS, jax.random.key(10), 3.0, sampler='ddim', clip_x0=False, **setup
+  )
   # Up to float32 round-off, which the v <-> eps conversion amplifies at alpha_bar ~ 4e-5.
   np.testing.assert_allclose(back, X_STAR, atol=5e-4)
 
@@ -178,8 +253,17 @@ def _round_trip_error(steps):
   schedule = make_schedule('cosine')
   x0 = GAUSS_MEAN + GAUSS_STD * jax.random.normal(jax.random.key(11), (8,) + SHAPE[1:])
   x_T = _invert(schedule, GAUSS, x0, None, model=gaussian_model, steps=steps)
-  back = _sample(schedule, GAUSS, x_T, None, jax.random.key(12), model=gaussian_model,
-                 sampler='ddim', steps=steps, clip_x0=False)
+  back = _sample(
+    schedule,
+    GAUSS,
+    x_T,
+    None,
+    jax.random.key(12),
+    model=gaussian_model,
+    sampler='ddim',
+    steps=steps,
+    clip_x0=False,
+  )
   return float(jnp.mean(jnp.abs(back - x0)))
 
 
@@ -214,10 +298,12 @@ def test_guidance_endpoints_and_batching():
   assert float(jnp.abs(cond - uncond).max()) > 0.1
   calls.clear()
   np.testing.assert_allclose(guided_output(model_fn, X_T, t, ATTRS, 0.0), uncond, atol=1e-6)
-  np.testing.assert_allclose(guided_output(model_fn, X_T, t, ATTRS, jnp.float32(1.0)), cond,
-                             atol=1e-6)
-  np.testing.assert_allclose(guided_output(model_fn, X_T, t, ATTRS, 2.5),
-                             uncond + 2.5 * (cond - uncond), atol=1e-5)
+  np.testing.assert_allclose(
+    guided_output(model_fn, X_T, t, ATTRS, jnp.float32(1.0)), cond, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    guided_output(model_fn, X_T, t, ATTRS, 2.5), uncond + 2.5 * (cond - uncond), atol=1e-5
+  )
   assert calls == [4, 4, 4]  # one batched call with both branches each time
   calls.clear()
   np.testing.assert_array_equal(guided_output(model_fn, X_T, t, ATTRS, 1.0), cond)
@@ -229,8 +315,7 @@ def test_per_sample_guidance():
   t = jnp.array([3, 70], jnp.int32)
   both = guided_output(model_fn, X_T, t, ATTRS, jnp.array([0.0, 4.0]))
   for i, w in enumerate([0.0, 4.0]):
-    np.testing.assert_allclose(both[i], guided_output(model_fn, X_T, t, ATTRS, w)[i],
-                               atol=1e-5)
+    np.testing.assert_allclose(both[i], guided_output(model_fn, X_T, t, ATTRS, w)[i], atol=1e-5)
 
 
 def test_unconditional_model_gets_one_plain_call():
@@ -250,10 +335,13 @@ def test_jitted_sampler_traces_the_model_once(sampler):
   """The loop is one compiled program: one model trace per compile, whatever the steps."""
   schedule = make_schedule('linear', 40)
   model_fn, calls = _recording_model()
-  jitted = jax.jit(functools.partial(sample, model_fn, schedule),
-                   static_argnames=('sampler', 'steps', 'prediction', 'clip_x0'))
-  run = lambda steps, w, seed=0: jitted(X_T + seed, ATTRS, jax.random.key(seed),
-                                        sampler=sampler, steps=steps, guidance=jnp.array(w))
+  jitted = jax.jit(
+    functools.partial(sample, model_fn, schedule),
+    static_argnames=('sampler', 'steps', 'prediction', 'clip_x0'),
+  )
+  run = lambda steps, w, seed=0: jitted(
+    X_T + seed, ATTRS, jax.random.key(seed), sampler=sampler, steps=steps, guidance=jnp.array(w)
+  )
   for steps in [40] if sampler == 'ddpm' else [4, 40]:
     calls.clear()
     mixed = run(steps, [1.5, 0.0])
@@ -275,5 +363,4 @@ def test_dispatcher_errors():
   with pytest.raises(UserError, match='eta must be in'):
     sample(model_fn, schedule, X_T, ATTRS, jax.random.key(0), sampler='ddim', steps=10, eta=1.5)
   with pytest.raises(UserError, match='unknown prediction'):
-    dpmpp_2m_sample(model_fn, schedule, X_T, ATTRS, jax.random.key(0), steps=5,
-                    prediction='x0')
+    dpmpp_2m_sample(model_fn, schedule, X_T, ATTRS, jax.random.key(0), steps=5, prediction='x0')

@@ -1,4 +1,5 @@
 """The real training loop on a tiny synthetic CelebA through the real TFDS builder."""
+
 import functools
 import json
 import os
@@ -72,22 +73,26 @@ def test_sampling_uses_the_ema_parameters(straight_run, celeba_dirs):
   assert loaded.step == 6
   for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(ema)):
     np.testing.assert_array_equal(a, b)
-  assert step == 6 and any(np.abs(p - e).max() > 0
-                           for p, e in zip(jax.tree.leaves(params), jax.tree.leaves(ema)))
+  assert step == 6 and any(
+    np.abs(p - e).max() > 0 for p, e in zip(jax.tree.leaves(params), jax.tree.leaves(ema))
+  )
 
 
 def test_learning_rate_warms_up_then_decays_and_ema_decay_warms_up():
   config = test_config.get_config().train
   config.update(learning_rate=1e-3, warmup_steps=10, num_steps=110, lr_schedule='cosine')
   lr = learning_rate_schedule(config)
-  np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(60), lr(110)],
-                             [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+  np.testing.assert_allclose(
+    [lr(0), lr(5), lr(10), lr(60), lr(110)], [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9
+  )
   config.lr_schedule = 'constant'
-  np.testing.assert_allclose([learning_rate_schedule(config)(s) for s in (5, 10, 10_000)],
-                             [5e-4, 1e-3, 1e-3], atol=1e-9)
+  np.testing.assert_allclose(
+    [learning_rate_schedule(config)(s) for s in (5, 10, 10_000)], [5e-4, 1e-3, 1e-3], atol=1e-9
+  )
   config.ema_decay = 0.99
-  np.testing.assert_allclose([ema_decay(config, s) for s in (0, 10, 10_000)], [0.1, 0.55, 0.99],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    [ema_decay(config, s) for s in (0, 10, 10_000)], [0.1, 0.55, 0.99], rtol=1e-6
+  )
   config.ema_warmup = False
   assert float(ema_decay(config, 0)) == pytest.approx(0.99)
 
@@ -124,7 +129,9 @@ def test_loss_decreases_on_a_repeated_batch(celeba_dirs):
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
   state = train.init_state(config, model, tx, mesh)
   batch = next(pipeline.create_train_iterator(config))
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule, config=config))
+  step = jax.jit(
+    lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule, config=config)
+  )
   losses = []
   for _ in range(40):
     state, metrics = step(state, batch)
@@ -134,8 +141,9 @@ def test_loss_decreases_on_a_repeated_batch(celeba_dirs):
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(celeba_dirs, tmp_path):
-  config = make_config(celeba_dirs, learning_rate=1e30, warmup_steps=1, grad_clip=1e30,
-                       checkpoint_every=1, num_steps=8)
+  config = make_config(
+    celeba_dirs, learning_rate=1e30, warmup_steps=1, grad_clip=1e30, checkpoint_every=1, num_steps=8
+  )
   with pytest.raises(loop.TrainingDiverged, match='last good checkpoint'):
     train.train_diffusion(config, str(tmp_path))
   manager = checkpoints.checkpoint_manager(str(tmp_path))
@@ -149,19 +157,34 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(celeba_dirs,
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
   batch = next(pipeline.create_train_iterator(config, start_step=step))
   model_fn = lambda x, t, a: model.apply({'params': params}, x, t, a)
-  loss = diffusion.diffusion_loss(model_fn, schedule, batch['image'], batch['attributes'],
-                                  jax.random.key(0))
+  loss = diffusion.diffusion_loss(
+    model_fn, schedule, batch['image'], batch['attributes'], jax.random.key(0)
+  )
   assert np.isfinite(float(loss))
 
 
 def _run_fdiff(args, **kwargs):
-  return subprocess.run([sys.executable, '-m', 'fdiff_jax', *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=300, **kwargs)
+  return subprocess.run(
+    [sys.executable, '-m', 'fdiff_jax', *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    **kwargs,
+  )
 
 
 def test_unknown_config_key_is_one_clear_line_and_exit_2(tmp_path, capsys):
-  code = cli.main(['train', '--config', 'configs/test.py', '--workdir', str(tmp_path),
-                   '--config.train.batch_sise=4'])
+  code = cli.main(
+    [
+      'train',
+      '--config',
+      'configs/test.py',
+      '--workdir',
+      str(tmp_path),
+      '--config.train.batch_sise=4',
+    ]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1
   assert 'batch_sise' in err[0] and 'batch_size' in err[0]
@@ -169,13 +192,26 @@ def test_unknown_config_key_is_one_clear_line_and_exit_2(tmp_path, capsys):
 
 def test_bad_config_file_and_bad_value_are_errors(tmp_path, capsys):
   assert cli.main(['train', '--config', 'configs/nope.py', '--workdir', str(tmp_path)]) == 2
-  assert cli.main(['train', '--config', 'configs/test.py', '--workdir', str(tmp_path),
-                   '--config.train.batch_size=eight']) == 2
+  assert (
+    cli.main(
+      [
+        'train',
+        '--config',
+        'configs/test.py',
+        '--workdir',
+        str(tmp_path),
+        '--config.train.batch_size=eight',
+      ]
+    )
+    == 2
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 2 and 'nope.py' in err[0] and 'eight' in err[1]
 
 
-@pytest.mark.parametrize('overrides, expected', [
+@pytest.mark.parametrize(
+  'overrides, expected',
+  [
     (['train.batch_size=1.5'], "config.train.batch_size = '1.5' is not an integer"),
     (['data.random_flip=maybe'], "config.data.random_flip = 'maybe' is not true or false"),
     (['model.ch_mult=(1,2'], "config.model.ch_mult = '(1,2' is not a tuple"),
@@ -186,20 +222,35 @@ def test_bad_config_file_and_bad_value_are_errors(tmp_path, capsys):
     (['model.dtype=float33'], 'not a dtype'),
     (['data.image_size=14', 'model.ch_mult=(1,2,2)'], 'divisible by 4'),
     (['model.num_heads=3'], 'num_heads = 3 must divide'),
-    ([], 'needs config.data.manual_dir'),   # The data is checked before the workdir is made.
-])
+    ([], 'needs config.data.manual_dir'),  # The data is checked before the workdir is made.
+  ],
+)
 def test_config_mistakes_are_one_line_and_leave_no_workdir(tmp_path, capsys, overrides, expected):
   workdir = tmp_path / 'run'
-  code = cli.main(['train', '--config', 'configs/test.py', '--workdir', str(workdir),
-                   *[f'--config.{o}' for o in overrides]])
+  code = cli.main(
+    [
+      'train',
+      '--config',
+      'configs/test.py',
+      '--workdir',
+      str(workdir),
+      *[f'--config.{o}' for o in overrides],
+    ]
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1, err
   assert expected in err[0], err[0]
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize('name', sorted(
-    f[:-3] for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.py') and f != '__init__.py'))
+@pytest.mark.parametrize(
+  'name',
+  sorted(
+    f[:-3]
+    for f in os.listdir(os.path.join(REPO, 'configs'))
+    if f.endswith('.py') and f != '__init__.py'
+  ),
+)
 def test_every_config_validates_and_builds_its_model(name):
   config = config_utils.load_config(os.path.join(REPO, 'configs', f'{name}.py'))
   model = build_model(config.model, len(pipeline.attribute_names(config)))
@@ -212,33 +263,52 @@ def test_every_config_validates_and_builds_its_model(name):
 
 def test_config_variants_load_from_any_directory(tmp_path):
   """`fdiff train --config configs/digits.py` must work outside the repo root too."""
-  code = ('import sys; from fdiff_jax import config_utils; '
-          'print(config_utils.load_config(sys.argv[1]).data.dataset)')
-  out = subprocess.run([sys.executable, '-c', code, os.path.join(REPO, 'configs', 'digits.py')],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+  code = (
+    'import sys; from fdiff_jax import config_utils; '
+    'print(config_utils.load_config(sys.argv[1]).data.dataset)'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code, os.path.join(REPO, 'configs', 'digits.py')],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'},
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == 'digits'
 
 
 def test_config_round_trips_through_the_workdir(tmp_path):
-  config = config_utils.load_config('configs/test.py', ['model.ch_mult=(1,2,4)', 'train.learning_rate=3'])
+  config = config_utils.load_config(
+    'configs/test.py', ['model.ch_mult=(1,2,4)', 'train.learning_rate=3']
+  )
   checkpoints.save_config(str(tmp_path), config)
   loaded = checkpoints.load_config(str(tmp_path))
   assert loaded.model.ch_mult == (1, 2, 4) and loaded.train.learning_rate == 3.0
-  assert json.loads(config_utils.config_to_json(loaded)) == json.loads(config_utils.config_to_json(config))
-
+  assert json.loads(config_utils.config_to_json(loaded)) == json.loads(
+    config_utils.config_to_json(config)
+  )
 
 
 def test_config_overrides_parse_as_the_fields_type():
-  config = config_utils.load_config('configs/test.py', [
-      'data.random_flip=false', 'train.warmup_steps=7', 'train.learning_rate=1e-3',
-      'model.attn_resolutions=4', 'sample.grid_prompts=Smiling,-Male', 'sample.sampler=ddim'])
+  config = config_utils.load_config(
+    'configs/test.py',
+    [
+      'data.random_flip=false',
+      'train.warmup_steps=7',
+      'train.learning_rate=1e-3',
+      'model.attn_resolutions=4',
+      'sample.grid_prompts=Smiling,-Male',
+      'sample.sampler=ddim',
+    ],
+  )
   assert config.data.random_flip is False and config.train.warmup_steps == 7
   assert config.train.learning_rate == 1e-3 and config.model.attn_resolutions == (4,)
   assert config.sample.grid_prompts == ('Smiling,-Male',) and config.sample.sampler == 'ddim'
 
-DEVICES_SCRIPT = textwrap.dedent('''
+
+DEVICES_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     from configs import test as test_config
@@ -260,13 +330,19 @@ DEVICES_SCRIPT = textwrap.dedent('''
     except UserError as e:
       error = str(e)
     print(json.dumps({'losses': losses, 'error': error}))
-''')
+""")
 
 
 def test_losses_do_not_depend_on_device_count(celeba_dirs, tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', DEVICES_SCRIPT, *celeba_dirs, str(tmp_path)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [sys.executable, '-c', DEVICES_SCRIPT, *celeba_dirs, str(tmp_path)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   losses = result['losses']
@@ -278,14 +354,28 @@ def test_losses_do_not_depend_on_device_count(celeba_dirs, tmp_path):
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(celeba_dirs, tmp_path):
   workdir = str(tmp_path / 'w')
-  args = ['train', '--config', 'configs/test.py', '--workdir', workdir,
-          f'--config.data.manual_dir={celeba_dirs[0]}', f'--config.data.data_dir={celeba_dirs[1]}',
-          '--config.train.num_steps=100000', '--config.train.checkpoint_every=100000',
-          '--config.train.sample_every=100000', '--config.train.log_every=1']
-  proc = subprocess.Popen([sys.executable, '-m', 'fdiff_jax', *args], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  args = [
+    'train',
+    '--config',
+    'configs/test.py',
+    '--workdir',
+    workdir,
+    f'--config.data.manual_dir={celeba_dirs[0]}',
+    f'--config.data.data_dir={celeba_dirs[1]}',
+    '--config.train.num_steps=100000',
+    '--config.train.checkpoint_every=100000',
+    '--config.train.sample_every=100000',
+    '--config.train.log_every=1',
+  ]
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'fdiff_jax', *args],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   deadline = time.time() + 240
-  for line in proc.stdout:   # Wait until training is under way, then preempt.
+  for line in proc.stdout:  # Wait until training is under way, then preempt.
     if 'loss' in line or time.time() > deadline:
       break
   proc.send_signal(signal.SIGTERM)
@@ -308,6 +398,7 @@ def test_cloud_workdirs_keep_their_url():
 def test_a_process_other_than_0_writes_only_checkpoints(celeba_dirs, tmp_path, monkeypatch):
   """Multi-host: logs, sample grids and the config come from process 0 alone."""
   monkeypatch.setattr(parallel, 'is_main_process', lambda: False)
-  train.train_diffusion(make_config(celeba_dirs, num_steps=2, checkpoint_every=2,
-                                       sample_every=2), str(tmp_path))
+  train.train_diffusion(
+    make_config(celeba_dirs, num_steps=2, checkpoint_every=2, sample_every=2), str(tmp_path)
+  )
   assert os.listdir(tmp_path) == ['checkpoints']

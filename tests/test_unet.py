@@ -1,6 +1,7 @@
 """U-Net: shapes, the unconditional input, attribute interpolation, presets' sizes; its
 kernels: attention and GroupNorm against JAX's and flax's, the 'cpu' and 'xla' U-Nets alike,
 `model.kernels` resolved at construction and optional in saved configs."""
+
 import json
 
 import flax.linen as nn
@@ -15,7 +16,9 @@ from fdiff_jax.errors import UserError
 from fdiff_jax.models import PRESETS, UNet, build_model, count_params, init_params, kernels
 from fdiff_jax.models.unet import AttributeEmbedding
 
-TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, dropout=0.0)
+TINY = dict(
+  ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=2, dropout=0.0
+)
 
 
 def _perturbed(params, seed):
@@ -44,20 +47,20 @@ def test_zero_attributes_equal_unconditional_call(tiny):
   apply = jax.jit(model.apply)
   zeros = apply({'params': params}, x, t, jnp.zeros((3, 5)))
   none = apply({'params': params}, x, t, None)
-  cond = apply({'params': params}, x, t, jnp.array([[1., -1, 0, 0, 1]] * 3))
+  cond = apply({'params': params}, x, t, jnp.array([[1.0, -1, 0, 0, 1]] * 3))
   np.testing.assert_array_equal(zeros, none)
-  assert float(jnp.abs(cond - zeros).max()) > 1e-3   # attributes do change the output
+  assert float(jnp.abs(cond - zeros).max()) > 1e-3  # attributes do change the output
 
 
 def test_attribute_embedding_is_linear_between_values():
   e = AttributeEmbedding(5, 8)
   p = _perturbed(e.init(jax.random.key(3), jnp.zeros((1, 5)))['params'], 4)
   f = lambda a: e.apply({'params': p}, jnp.asarray([a], jnp.float32))[0]
-  one = jnp.array([1., 0, 0, 0, 0])
+  one = jnp.array([1.0, 0, 0, 0, 0])
   np.testing.assert_allclose(f(0.5 * one), 0.5 * f(one), rtol=1e-6)
   np.testing.assert_allclose(f(-0.25 * one), 0.25 * f(-one), rtol=1e-6)
   np.testing.assert_array_equal(f(jnp.zeros(5)), jnp.zeros(8))
-  assert float(jnp.abs(f(one) + f(-one)).max()) > 1e-4   # present and absent are distinct vectors
+  assert float(jnp.abs(f(one) + f(-one)).max()) > 1e-4  # present and absent are distinct vectors
 
 
 def test_unconditional_model_has_no_attribute_input():
@@ -65,7 +68,9 @@ def test_unconditional_model_has_no_attribute_input():
   x = jnp.zeros((2, 16, 16, 1))
   params = jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((2,), jnp.int32))['params']
   assert not any('AttributeEmbedding' in k for k in params)
-  assert jax.eval_shape(model.apply, {'params': params}, x, jnp.zeros((2,), jnp.int32)).shape == x.shape
+  assert (
+    jax.eval_shape(model.apply, {'params': params}, x, jnp.zeros((2,), jnp.int32)).shape == x.shape
+  )
   with pytest.raises(ValueError, match='unconditional'):
     jax.eval_shape(model.apply, {'params': params}, x, jnp.zeros((2,), jnp.int32), jnp.ones((2, 3)))
 
@@ -73,15 +78,22 @@ def test_unconditional_model_has_no_attribute_input():
 def test_bfloat16_compute_keeps_float32_params_and_output():
   model = UNet(num_attributes=2, dtype=jnp.bfloat16, **TINY)
   x = jnp.zeros((1, 16, 16, 3))
-  params = jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 2)))['params']
+  params = jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 2)))[
+    'params'
+  ]
   assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-  assert jax.eval_shape(model.apply, {'params': params}, x, jnp.zeros((1,)), jnp.ones((1, 2))).dtype == jnp.float32
+  assert (
+    jax.eval_shape(model.apply, {'params': params}, x, jnp.zeros((1,)), jnp.ones((1, 2))).dtype
+    == jnp.float32
+  )
 
 
 def _preset_params(name, num_attributes=40):
   model = UNet(num_attributes=num_attributes, **PRESETS[name])
   x = jnp.zeros((1, 64, 64, 3))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, num_attributes))))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, num_attributes)))
+  )
   return model, count_params(shapes['params'])
 
 
@@ -99,16 +111,27 @@ def test_celeba64_preset_parameter_count_about_35_to_40M():
 def test_presets_map_64x64_to_64x64(name):
   model, _ = _preset_params(name)
   x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-  out = jax.eval_shape(lambda x: model.init_with_output(
-      jax.random.key(0), x, jnp.zeros((2,)), jnp.zeros((2, 40)))[0], x)
+  out = jax.eval_shape(
+    lambda x: model.init_with_output(jax.random.key(0), x, jnp.zeros((2,)), jnp.zeros((2, 40)))[0],
+    x,
+  )
   assert out.shape == (2, 64, 64, 3)
 
 
-@pytest.mark.parametrize('variant,heads,piece_bytes', [
-    ('xla', 1, 4 * 64 * 64), ('xla', 4, 4 * 64 * 64), ('cpu', 1, 16 * 2**20),
-    ('cpu', 4, 16 * 2**20), ('cpu', 1, 4 * 64 * 64), ('cpu', 4, 3 * 4 * 64 * 64)])
-def test_attention_equals_jax_dot_product_attention_with_gradients(variant, heads, piece_bytes,
-                                                                   monkeypatch):
+@pytest.mark.parametrize(
+  'variant,heads,piece_bytes',
+  [
+    ('xla', 1, 4 * 64 * 64),
+    ('xla', 4, 4 * 64 * 64),
+    ('cpu', 1, 16 * 2**20),
+    ('cpu', 4, 16 * 2**20),
+    ('cpu', 1, 4 * 64 * 64),
+    ('cpu', 4, 3 * 4 * 64 * 64),
+  ],
+)
+def test_attention_equals_jax_dot_product_attention_with_gradients(
+  variant, heads, piece_bytes, monkeypatch
+):
   """With the whole batch ('xla', whatever the piece size) and in pieces of all, 1 or 3 rows."""
   monkeypatch.setattr(kernels, 'CPU_ATTENTION_PIECE_BYTES', piece_bytes)
   q, k, v = (3 * jax.random.normal(jax.random.key(i), (2, 64, heads, 8)) for i in range(3))
@@ -116,14 +139,17 @@ def test_attention_equals_jax_dot_product_attention_with_gradients(variant, head
   attention = lambda q, k, v: kernels.attention(q, k, v, variant)
   ours = lambda q, k, v: (attention(q, k, v) * probe).sum()
   ref = lambda q, k, v: (jax.nn.dot_product_attention(q, k, v) * probe).sum()
-  np.testing.assert_allclose(attention(q, k, v), jax.nn.dot_product_attention(q, k, v),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    attention(q, k, v), jax.nn.dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5
+  )
   for g, r in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('channels,groups,dtype', [(8, 8, jnp.float32), (16, 8, jnp.float32),
-                                                   (24, 4, jnp.float32), (16, 8, jnp.bfloat16)])
+@pytest.mark.parametrize(
+  'channels,groups,dtype',
+  [(8, 8, jnp.float32), (16, 8, jnp.float32), (24, 4, jnp.float32), (16, 8, jnp.bfloat16)],
+)
 def test_group_norm_equals_flax_group_norm_with_gradients(channels, groups, dtype):
   """Same parameters, values and gradients as nn.GroupNorm (groups of 1, 2 and 6 channels)."""
   x = (3 * jax.random.normal(jax.random.key(0), (2, 6, 5, channels)) + 1).astype(dtype)
@@ -137,8 +163,10 @@ def test_group_norm_equals_flax_group_norm_with_gradients(channels, groups, dtyp
   y = ours.apply(params, x)
   assert y.dtype == dtype
   np.testing.assert_allclose(y.astype(jnp.float32), ref.apply(params, x).astype(jnp.float32), **tol)
-  for g, r in zip(jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
-                  jax.tree.leaves(jax.grad(loss(ref), (0, 1))(params, x))):
+  for g, r in zip(
+    jax.tree.leaves(jax.grad(loss(ours), (0, 1))(params, x)),
+    jax.tree.leaves(jax.grad(loss(ref), (0, 1))(params, x)),
+  ):
     np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32), **tol)
 
 
@@ -146,13 +174,14 @@ def test_cpu_and_xla_unets_have_the_same_parameters_and_outputs(tiny, monkeypatc
   """Checkpoints move between them; attention in pieces of 4 of the 6 rows."""
   monkeypatch.setattr(kernels, 'CPU_ATTENTION_PIECE_BYTES', 4 * 4 * 64 * 64)
   _, params, x, t = tiny
-  a = jnp.array([[1., -1, 0, 0, 1]] * 3)
+  a = jnp.array([[1.0, -1, 0, 0, 1]] * 3)
   cpu, xla = (UNet(num_attributes=5, kernels=variant, **TINY) for variant in ('cpu', 'xla'))
-  shapes = {m.kernels: jax.eval_shape(m.init, jax.random.key(0), x, t, a)['params']
-            for m in (cpu, xla)}
+  shapes = {
+    m.kernels: jax.eval_shape(m.init, jax.random.key(0), x, t, a)['params'] for m in (cpu, xla)
+  }
   assert jax.tree.structure(shapes['cpu']) == jax.tree.structure(shapes['xla'])
   assert jax.tree.leaves(shapes['cpu']) == jax.tree.leaves(shapes['xla'])
-  assert 'GroupNorm_0' in shapes['xla']['ResBlock_0']   # the names saved checkpoints use
+  assert 'GroupNorm_0' in shapes['xla']['ResBlock_0']  # the names saved checkpoints use
   out_cpu, out_xla = (jax.jit(m.apply)({'params': params}, x, t, a) for m in (cpu, xla))
   assert float(jnp.abs(out_xla).max()) > 1e-2
   np.testing.assert_allclose(out_cpu, out_xla, rtol=1e-5, atol=1e-5)
@@ -185,8 +214,9 @@ def test_saved_config_without_model_kernels_loads_and_builds(tmp_path):
   model = build_model(loaded.model, 5)
   assert model.kernels == 'cpu'
   x = jnp.zeros((1, 16, 16, 3))
-  out, _ = jax.eval_shape(model.init_with_output, jax.random.key(0), x, jnp.zeros((1,)),
-                          jnp.zeros((1, 5)))
+  out, _ = jax.eval_shape(
+    model.init_with_output, jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 5))
+  )
   assert out.shape == x.shape
 
 

@@ -3,8 +3,9 @@
 An attribute vector holds +1 (present), -1 (absent) or 0 (unspecified) per
 name; values in between interpolate. All zeros is the unconditional input.
 """
+
 import difflib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -12,15 +13,46 @@ from fdiff_jax.errors import UserError
 
 # The 40 CelebA attributes, in the column order of `list_attr_celeba.txt`.
 CELEBA_ATTRIBUTES = (
-    '5_o_Clock_Shadow', 'Arched_Eyebrows', 'Attractive', 'Bags_Under_Eyes',
-    'Bald', 'Bangs', 'Big_Lips', 'Big_Nose', 'Black_Hair', 'Blond_Hair',
-    'Blurry', 'Brown_Hair', 'Bushy_Eyebrows', 'Chubby', 'Double_Chin',
-    'Eyeglasses', 'Goatee', 'Gray_Hair', 'Heavy_Makeup', 'High_Cheekbones',
-    'Male', 'Mouth_Slightly_Open', 'Mustache', 'Narrow_Eyes', 'No_Beard',
-    'Oval_Face', 'Pale_Skin', 'Pointy_Nose', 'Receding_Hairline',
-    'Rosy_Cheeks', 'Sideburns', 'Smiling', 'Straight_Hair', 'Wavy_Hair',
-    'Wearing_Earrings', 'Wearing_Hat', 'Wearing_Lipstick', 'Wearing_Necklace',
-    'Wearing_Necktie', 'Young',
+  '5_o_Clock_Shadow',
+  'Arched_Eyebrows',
+  'Attractive',
+  'Bags_Under_Eyes',
+  'Bald',
+  'Bangs',
+  'Big_Lips',
+  'Big_Nose',
+  'Black_Hair',
+  'Blond_Hair',
+  'Blurry',
+  'Brown_Hair',
+  'Bushy_Eyebrows',
+  'Chubby',
+  'Double_Chin',
+  'Eyeglasses',
+  'Goatee',
+  'Gray_Hair',
+  'Heavy_Makeup',
+  'High_Cheekbones',
+  'Male',
+  'Mouth_Slightly_Open',
+  'Mustache',
+  'Narrow_Eyes',
+  'No_Beard',
+  'Oval_Face',
+  'Pale_Skin',
+  'Pointy_Nose',
+  'Receding_Hairline',
+  'Rosy_Cheeks',
+  'Sideburns',
+  'Smiling',
+  'Straight_Hair',
+  'Wavy_Hair',
+  'Wearing_Earrings',
+  'Wearing_Hat',
+  'Wearing_Lipstick',
+  'Wearing_Necklace',
+  'Wearing_Necktie',
+  'Young',
 )
 
 # One attribute per class for digits and MNIST.
@@ -45,9 +77,7 @@ def parse_attributes(text: str, names: Sequence[str]) -> np.ndarray:
     if key not in index:
       raise UserError(_unknown_name_message(name, names))
     if key in seen:
-      raise UserError(
-          f"attribute '{name}' is given twice in '{text}'; give each attribute"
-          ' once.')
+      raise UserError(f"attribute '{name}' is given twice in '{text}'; give each attribute once.")
     seen.add(key)
     vector[index[key]] = value
   return vector
@@ -61,12 +91,13 @@ def _parse_item(item: str) -> tuple[str, float]:
       value = float(raw)
     except ValueError:
       raise UserError(
-          f"attribute value '{raw}' in '{item}' is not a number; write e.g."
-          f" '{name}=0.5' (a value in [-1, 1]).") from None
+        f"attribute value '{raw}' in '{item}' is not a number; write e.g."
+        f" '{name}=0.5' (a value in [-1, 1])."
+      ) from None
     if not -1.0 <= value <= 1.0:
       raise UserError(
-          f"attribute value {raw} in '{item}' is outside [-1, 1]; use -1"
-          ' (absent) .. 1 (present).')
+        f"attribute value {raw} in '{item}' is outside [-1, 1]; use -1 (absent) .. 1 (present)."
+      )
     return name, value
   if item.startswith('-'):
     return item[1:].strip(), -1.0

@@ -6,6 +6,7 @@ Kaggle one (`list_attr_celeba.csv`, `list_eval_partition.csv`,
 `img_align_celeba/img_align_celeba/`). TFDS's own `celeb_a` downloads from
 Google Drive, which fails for most people; this path needs no network.
 """
+
 import dataclasses
 import hashlib
 import os
@@ -18,14 +19,17 @@ from fdiff_jax.data.attributes import CELEBA_ATTRIBUTES
 from fdiff_jax.errors import UserError
 
 _SPLITS = {'0': 'train', '1': 'validation', '2': 'test'}
-_HOW = ('put the official CelebA files (img_align_celeba.zip,'
-        ' list_attr_celeba.txt, list_eval_partition.txt) or the Kaggle ones'
-        ' there')
+_HOW = (
+  'put the official CelebA files (img_align_celeba.zip,'
+  ' list_attr_celeba.txt, list_eval_partition.txt) or the Kaggle ones'
+  ' there'
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class CelebaPaths:
   """Where the attribute file, partition file and images were found."""
+
   attributes: str
   partition: str
   images: str  # A .zip file or a folder of JPEGs.
@@ -34,20 +38,26 @@ class CelebaPaths:
 def locate_files(manual_dir: str) -> CelebaPaths:
   """Finds the CelebA files in `manual_dir`: official layout, else Kaggle."""
   if not manual_dir or not os.path.isdir(manual_dir):
-    raise UserError(f"CelebA folder '{manual_dir}' does not exist; {_HOW} and"
-                    ' set config.data.manual_dir to it.')
+    raise UserError(
+      f"CelebA folder '{manual_dir}' does not exist; {_HOW} and set config.data.manual_dir to it."
+    )
+
   def first(*names):
     for name in names:
       path = os.path.join(manual_dir, name)
       if os.path.exists(path):
         return path
-    raise UserError(f"{' or '.join(names)} not found in {manual_dir}; {_HOW}.")
+    raise UserError(f'{" or ".join(names)} not found in {manual_dir}; {_HOW}.')
+
   return CelebaPaths(
-      attributes=first('list_attr_celeba.txt', 'list_attr_celeba.csv'),
-      partition=first('list_eval_partition.txt', 'list_eval_partition.csv'),
-      images=first('img_align_celeba.zip',
-                   os.path.join('img_align_celeba', 'img_align_celeba'),
-                   'img_align_celeba'))
+    attributes=first('list_attr_celeba.txt', 'list_attr_celeba.csv'),
+    partition=first('list_eval_partition.txt', 'list_eval_partition.csv'),
+    images=first(
+      'img_align_celeba.zip',
+      os.path.join('img_align_celeba', 'img_align_celeba'),
+      'img_align_celeba',
+    ),
+  )
 
 
 def read_attributes(path: str) -> dict[str, list[int]]:
@@ -62,25 +72,30 @@ def read_attributes(path: str) -> dict[str, list[int]]:
     names_line = 2
     names = lines[1].split() if len(lines) > 1 else []
   if tuple(names) != CELEBA_ATTRIBUTES:
-    raise UserError(f'{path}:{names_line}: expected the 40 CelebA'
-                    ' attribute names in official order; re-download the'
-                    ' file.')
+    raise UserError(
+      f'{path}:{names_line}: expected the 40 CelebA'
+      ' attribute names in official order; re-download the'
+      ' file.'
+    )
   table = {}
   for number, line in enumerate(lines[names_line:], names_line + 1):
     if not line.strip():
       continue
     fields = [x.strip() for x in line.split(',')] if csv else line.split()
     if len(fields) != 41 or any(v not in ('1', '-1') for v in fields[1:]):
-      raise UserError(f'{path}:{number}: malformed line (want an image name'
-                      ' and 40 values of 1 or -1); fix or re-download the'
-                      ' file.')
+      raise UserError(
+        f'{path}:{number}: malformed line (want an image name'
+        ' and 40 values of 1 or -1); fix or re-download the'
+        ' file.'
+      )
     if fields[0] in table:
-      raise UserError(f'{path}:{number}: {fields[0]} is listed twice; fix or'
-                      ' re-download the file.')
+      raise UserError(f'{path}:{number}: {fields[0]} is listed twice; fix or re-download the file.')
     table[fields[0]] = [int(v) for v in fields[1:]]
   if not csv and lines[0].strip() != str(len(table)):
-    raise UserError(f'{path}:1: says {lines[0].strip()!r} images but lists'
-                    f' {len(table)}; fix or re-download the file.')
+    raise UserError(
+      f'{path}:1: says {lines[0].strip()!r} images but lists'
+      f' {len(table)}; fix or re-download the file.'
+    )
   return table
 
 
@@ -90,19 +105,21 @@ def read_partition(path: str) -> dict[str, str]:
   with open(path) as f:
     lines = f.read().splitlines()
   if csv and (not lines or lines[0].replace(' ', '') != 'image_id,partition'):
-    raise UserError(f"{path}:1: expected the header 'image_id,partition';"
-                    ' fix or re-download the file.')
+    raise UserError(
+      f"{path}:1: expected the header 'image_id,partition'; fix or re-download the file."
+    )
   partition = {}
   for number, line in enumerate(lines[csv:], 1 + csv):
     if not line.strip():
       continue
     fields = [x.strip() for x in line.split(',')] if csv else line.split()
     if len(fields) != 2 or fields[1] not in _SPLITS:
-      raise UserError(f'{path}:{number}: malformed line (want an image name'
-                      ' and 0, 1 or 2); fix or re-download the file.')
+      raise UserError(
+        f'{path}:{number}: malformed line (want an image name'
+        ' and 0, 1 or 2); fix or re-download the file.'
+      )
     if fields[0] in partition:
-      raise UserError(f'{path}:{number}: {fields[0]} is listed twice; fix or'
-                      ' re-download the file.')
+      raise UserError(f'{path}:{number}: {fields[0]} is listed twice; fix or re-download the file.')
     partition[fields[0]] = _SPLITS[fields[1]]
   return partition
 
@@ -128,23 +145,24 @@ class CelebaFiles(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Download img_align_celeba.zip, list_attr_celeba.txt and'
-      ' list_eval_partition.txt from'
-      ' https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (or the Kaggle'
-      ' "celeba-dataset") into one folder and pass it as manual_dir.')
+    'Download img_align_celeba.zip, list_attr_celeba.txt and'
+    ' list_eval_partition.txt from'
+    ' https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (or the Kaggle'
+    ' "celeba-dataset") into one folder and pass it as manual_dir.'
+  )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(218, 178, 3),
-                                         encoding_format='jpeg'),
-            'attributes': tfds.features.Tensor(
-                shape=(len(CELEBA_ATTRIBUTES),), dtype=np.float32),
-            'file_name': tfds.features.Text(),
-        }),
-        homepage='https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html',
-        disable_shuffling=True,  # Keep file order; the pipeline shuffles.
-        metadata=tfds.core.MetadataDict(),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(218, 178, 3), encoding_format='jpeg'),
+          'attributes': tfds.features.Tensor(shape=(len(CELEBA_ATTRIBUTES),), dtype=np.float32),
+          'file_name': tfds.features.Text(),
+        }
+      ),
+      homepage='https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html',
+      disable_shuffling=True,  # Keep file order; the pipeline shuffles.
+      metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
@@ -154,28 +172,35 @@ class CelebaFiles(tfds.core.GeneratorBasedBuilder):
     partition = read_partition(paths.partition)
     unlabeled = [name for name in partition if name not in attributes]
     if unlabeled:
-      raise UserError(f'{len(unlabeled)} images in {paths.partition} have no'
-                      f' line in {paths.attributes} (e.g. {unlabeled[0]}); use'
-                      ' matching files from the same download.')
+      raise UserError(
+        f'{len(unlabeled)} images in {paths.partition} have no'
+        f' line in {paths.attributes} (e.g. {unlabeled[0]}); use'
+        ' matching files from the same download.'
+      )
     members = _image_members(paths.images)
     missing = [name for name in partition if name not in members]
     if missing:
-      raise UserError(f'{len(missing)} images listed in {paths.partition} are'
-                      f' missing from {paths.images} (e.g. {missing[0]}); put'
-                      ' the complete image set there.')
+      raise UserError(
+        f'{len(missing)} images listed in {paths.partition} are'
+        f' missing from {paths.images} (e.g. {missing[0]}); put'
+        ' the complete image set there.'
+      )
     self.info.metadata['manual_fingerprint'] = manual_fingerprint(manual_dir)
     names = {split: [] for split in _SPLITS.values()}
     for name, split in partition.items():
       names[split].append(name)
-    return {split: self._generate_examples(paths.images, members, files,
-                                           attributes)
-            for split, files in names.items() if files}
+    return {
+      split: self._generate_examples(paths.images, members, files, attributes)
+      for split, files in names.items()
+      if files
+    }
 
   def _generate_examples(self, images, members, files, attributes):
     for name, jpeg in _read_images(images, members, files):
-      yield name, {'image': jpeg,
-                   'attributes': np.asarray(attributes[name], np.float32),
-                   'file_name': name}
+      yield (
+        name,
+        {'image': jpeg, 'attributes': np.asarray(attributes[name], np.float32), 'file_name': name},
+      )
 
 
 def _read_images(images: str, members: dict[str, str], files: list[str]):
@@ -194,7 +219,5 @@ def _image_members(images: str) -> dict[str, str]:
   """Maps each JPEG's file name to its zip member or file path."""
   if images.endswith('.zip'):
     with zipfile.ZipFile(images) as archive:
-      return {os.path.basename(m): m for m in archive.namelist()
-              if m.endswith('.jpg')}
+      return {os.path.basename(m): m for m in archive.namelist() if m.endswith('.jpg')}
   return {name: os.path.join(images, name) for name in os.listdir(images)}
-

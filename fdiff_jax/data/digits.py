@@ -5,9 +5,10 @@ stratified): within each class, every 8th image in file order (ranks 7, 15,
 ...) goes to 'test' (219 images, 12%), the rest to 'train' (1,578). There is
 no 'validation' split: configs for digits set `data.eval_split = 'test'`.
 """
+
 import numpy as np
-from sklearn import datasets
 import tensorflow_datasets as tfds
+from sklearn import datasets
 
 TEST_EVERY = 8  # Every TEST_EVERY-th image of each class is held out.
 
@@ -29,13 +30,15 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 1)),
-            'label': tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://archive.ics.uci.edu/dataset/80',
-        disable_shuffling=True,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(8, 8, 1)),
+          'label': tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://archive.ics.uci.edu/dataset/80',
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
@@ -43,9 +46,10 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
     digits = datasets.load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
     splits = split_of_each_image(digits.target)
-    return {split: self._generate_examples(images[splits == split],
-                                           digits.target[splits == split])
-            for split in ('train', 'test')}
+    return {
+      split: self._generate_examples(images[splits == split], digits.target[splits == split])
+      for split in ('train', 'test')
+    }
 
   def _generate_examples(self, images, labels):
     for i, (image, label) in enumerate(zip(images, labels)):

@@ -5,9 +5,10 @@ pure function of (seed, global position): training can start at any step
 without reading the batches before it, and each process reads only its own
 slots of every global batch.
 """
+
 import atexit
-from typing import Iterator
 import weakref
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -37,17 +38,19 @@ def preprocess_image(image, config):
   """
   if isinstance(image, np.ndarray):
     channels = image_shape(config)[-1]
-    if (image.dtype != np.uint8 or image.ndim != 3
-        or image.shape[-1] != channels):
-      raise UserError(f'expected a uint8 HxWx{channels} image, got'
-                      f' {image.dtype} {image.shape}; convert it first (e.g.'
-                      f" PIL's .convert('{'RGB' if channels == 3 else 'L'}')).")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != channels:
+      raise UserError(
+        f'expected a uint8 HxWx{channels} image, got'
+        f' {image.dtype} {image.shape}; convert it first (e.g.'
+        f" PIL's .convert('{'RGB' if channels == 3 else 'L'}'))."
+      )
     return preprocess_image(tf.constant(image), config).numpy()
   if sources.dataset_spec(config).crop_to_square:
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     side = tf.minimum(height, width)
     image = tf.image.crop_to_bounding_box(
-        image, (height - side) // 2, (width - side) // 2, side, side)
+      image, (height - side) // 2, (width - side) // 2, side, side
+    )
   size = config.data.image_size
   image = tf.image.resize(image, (size, size), antialias=True)
   return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
@@ -64,6 +67,7 @@ class _Batches:
   tf.data threads still running the Python fetch when Python shuts down
   deadlock the exit; `_close_all` at exit releases the pipelines first.
   """
+
   _live = weakref.WeakSet()
 
   def __init__(self, dataset: tf.data.Dataset):
@@ -92,8 +96,10 @@ def _per_process_batch(global_batch: int) -> int:
   """This process's share of a global batch; it must divide evenly."""
   processes = jax.process_count()
   if global_batch % processes:
-    raise UserError(f'batch size {global_batch} is not divisible by the'
-                    f' {processes} processes; use a multiple of {processes}.')
+    raise UserError(
+      f'batch size {global_batch} is not divisible by the'
+      f' {processes} processes; use a multiple of {processes}.'
+    )
   return global_batch // processes
 
 
@@ -105,32 +111,36 @@ def _loader(config, split: sources.Split, shuffle: bool, flip: bool):
   flip is keyed by (seed, g). Both depend on nothing but g and the seed.
   """
   size, channels = len(split), image_shape(config)[-1]
-  shuffle_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(
-      tf.constant([config.seed, 0], tf.int64), 2))
+  shuffle_key, flip_key = tf.unstack(
+    tf.random.experimental.stateless_split(tf.constant([config.seed, 0], tf.int64), 2)
+  )
 
   def load(position):
     index = position % size
     if shuffle:
-      seed = tf.random.experimental.stateless_fold_in(shuffle_key,
-                                                      position // size)
+      seed = tf.random.experimental.stateless_fold_in(shuffle_key, position // size)
       index = tf.random.experimental.index_shuffle(index, seed, size - 1)
     encoded, attributes = tf.numpy_function(
-        split.__getitem__, [index], (tf.string, tf.float32), stateful=False)
-    image = tf.io.decode_image(encoded, channels=channels,
-                               expand_animations=False)
+      split.__getitem__, [index], (tf.string, tf.float32), stateful=False
+    )
+    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
     image = preprocess_image(image, config)
     if flip:
       seed = tf.random.experimental.stateless_fold_in(flip_key, position)
-      image = tf.cond(tf.random.stateless_uniform([], seed) < 0.5,
-                      lambda: tf.image.flip_left_right(image), lambda: image)
+      image = tf.cond(
+        tf.random.stateless_uniform([], seed) < 0.5,
+        lambda: tf.image.flip_left_right(image),
+        lambda: image,
+      )
     attributes.set_shape([len(attribute_names(config))])
     return {'image': image, 'attributes': attributes}
 
   return load
 
 
-def create_train_iterator(config, start_step: int = 0,
-                          split: sources.Split | None = None) -> Iterator[dict]:
+def create_train_iterator(
+  config, start_step: int = 0, split: sources.Split | None = None
+) -> Iterator[dict]:
   """Endless shuffled batches of this process's part of each global batch.
 
   Yields {'image': float32 [B, H, W, C] in [-1, 1], 'attributes': float32
@@ -155,14 +165,14 @@ def create_train_iterator(config, start_step: int = 0,
     return step * config.train.batch_size + offset + slot
 
   ds = tf.data.Dataset.range(start_step * batch, np.iinfo(np.int64).max)
-  ds = ds.map(lambda counter: load(global_position(counter)),
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(lambda counter: load(global_position(counter)), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _Batches(ds)
 
 
-def create_eval_iterator(config, split: str | None = None,
-                         batch_size: int | None = None) -> Iterator[dict]:
+def create_eval_iterator(
+  config, split: str | None = None, batch_size: int | None = None
+) -> Iterator[dict]:
   """One pass over `split` (default config.data.eval_split) in stored order.
 
   No shuffle, no flip. `batch_size` is global (default
@@ -176,8 +186,9 @@ def create_eval_iterator(config, split: str | None = None,
   global_batch = batch_size or config.train.batch_size
   batch = _per_process_batch(global_batch)
   steps = -(-len(data) // global_batch)
-  positions = (np.arange(steps)[:, None] * global_batch
-               + jax.process_index() * batch + np.arange(batch)).ravel()
+  positions = (
+    np.arange(steps)[:, None] * global_batch + jax.process_index() * batch + np.arange(batch)
+  ).ravel()
   positions = positions[positions < len(data)]
   load = _loader(config, data, shuffle=False, flip=False)
   ds = tf.data.Dataset.from_tensor_slices(positions)
@@ -192,6 +203,7 @@ def _pad_with_empty_batches(batches, steps: int, config) -> Iterator[dict]:
   for count, batch in enumerate(batches, 1):
     yield batch
   for _ in range(steps - count):
-    yield {'image': np.zeros((0, *image_shape(config)), np.float32),
-           'attributes': np.zeros((0, len(attribute_names(config))),
-                                  np.float32)}
+    yield {
+      'image': np.zeros((0, *image_shape(config)), np.float32),
+      'attributes': np.zeros((0, len(attribute_names(config))), np.float32),
+    }

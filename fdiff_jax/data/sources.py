@@ -4,17 +4,17 @@ Every dataset (digits, mnist, celeba, celeb_a) is prepared once as TFDS
 `array_record` files and read by index, which is what lets the pipeline
 shuffle, shard and resume without reading through earlier examples.
 """
+
 import contextlib
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
-from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from tensorflow_datasets.core.download import download_manager
 
-from fdiff_jax.data import celeba
-from fdiff_jax.data import digits
+from fdiff_jax.data import celeba, digits
 from fdiff_jax.data.attributes import CELEBA_ATTRIBUTES, DIGIT_ATTRIBUTES
 from fdiff_jax.errors import UserError
 
@@ -24,6 +24,7 @@ _SKIP_IMAGE_DECODING = {'image': tfds.decode.SkipDecoding()}
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """What the pipeline needs to know about one `config.data.dataset`."""
+
   attribute_names: tuple[str, ...]
   channels: int
   crop_to_square: bool  # CelebA's 218x178 faces are center-cropped.
@@ -54,8 +55,7 @@ def _label_attributes(example: dict) -> np.ndarray:
 def _celeb_a_attributes(example: dict) -> np.ndarray:
   """TFDS celeb_a's dict of booleans -> the 40 +-1 values in official order."""
   flags = example['attributes']
-  return np.array([1 if flags[name] else -1 for name in CELEBA_ATTRIBUTES],
-                  np.float32)
+  return np.array([1 if flags[name] else -1 for name in CELEBA_ATTRIBUTES], np.float32)
 
 
 @contextlib.contextmanager
@@ -70,6 +70,7 @@ def _quiet_progress():
 
 def _prepare_tfds(name):
   """Returns a `prepare` for a TFDS catalog dataset (downloads once)."""
+
   def prepare(manual_dir, data_dir):
     del manual_dir  # Catalog datasets download their own files.
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
@@ -77,11 +78,14 @@ def _prepare_tfds(name):
       with _quiet_progress():
         builder.download_and_prepare()
     except (download_manager.NonMatchingChecksumError, tfds.download.DownloadError, OSError) as e:
-      hint = (' (for CelebA download the files by hand and use'
-              ' config.data.dataset = celeba)' if name == 'celeb_a' else '')
-      raise UserError(f'could not download TFDS {name}{hint}: {e}'.replace(
-          '\n', ' ')) from e
+      hint = (
+        ' (for CelebA download the files by hand and use config.data.dataset = celeba)'
+        if name == 'celeb_a'
+        else ''
+      )
+      raise UserError(f'could not download TFDS {name}{hint}: {e}'.replace('\n', ' ')) from e
     return builder
+
   return prepare
 
 
@@ -101,34 +105,37 @@ def _prepare_celeba(manual_dir, data_dir):
   """
   if not manual_dir:
     raise UserError(
-        'config.data.dataset = celeba needs config.data.manual_dir, a folder with'
-        ' img_align_celeba.zip, list_attr_celeba.txt and'
-        ' list_eval_partition.txt (or `fdiff data synth-celeba DIR` for a'
-        ' synthetic one).')
+      'config.data.dataset = celeba needs config.data.manual_dir, a folder with'
+      ' img_align_celeba.zip, list_attr_celeba.txt and'
+      ' list_eval_partition.txt (or `fdiff data synth-celeba DIR` for a'
+      ' synthetic one).'
+    )
   fingerprint = celeba.manual_fingerprint(manual_dir)
   builder = celeba.CelebaFiles(data_dir=data_dir, file_format='array_record')
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   if builder.is_prepared():
     if builder.info.metadata.get('manual_fingerprint') == fingerprint:
       return builder
-    logging.warning('CelebA files in %s changed since %s was prepared;'
-                    ' preparing it again.', manual_dir, builder.data_dir)
+    logging.warning(
+      'CelebA files in %s changed since %s was prepared; preparing it again.',
+      manual_dir,
+      builder.data_dir,
+    )
     mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
   with _quiet_progress():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, download_mode=mode))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
+    )
   return celeba.CelebaFiles(data_dir=data_dir, file_format='array_record')
 
 
 DATASETS = {
-    'digits': DatasetSpec(DIGIT_ATTRIBUTES, 1, False, _prepare_digits,
-                          _label_attributes),
-    'mnist': DatasetSpec(DIGIT_ATTRIBUTES, 1, False, _prepare_tfds('mnist'),
-                         _label_attributes),
-    'celeba': DatasetSpec(CELEBA_ATTRIBUTES, 3, True, _prepare_celeba,
-                          lambda example: example['attributes']),
-    'celeb_a': DatasetSpec(CELEBA_ATTRIBUTES, 3, True, _prepare_tfds('celeb_a'),
-                           _celeb_a_attributes),
+  'digits': DatasetSpec(DIGIT_ATTRIBUTES, 1, False, _prepare_digits, _label_attributes),
+  'mnist': DatasetSpec(DIGIT_ATTRIBUTES, 1, False, _prepare_tfds('mnist'), _label_attributes),
+  'celeba': DatasetSpec(
+    CELEBA_ATTRIBUTES, 3, True, _prepare_celeba, lambda example: example['attributes']
+  ),
+  'celeb_a': DatasetSpec(CELEBA_ATTRIBUTES, 3, True, _prepare_tfds('celeb_a'), _celeb_a_attributes),
 }
 
 
@@ -136,8 +143,7 @@ def dataset_spec(config) -> DatasetSpec:
   """The spec of `config.data.dataset`, or a UserError naming the valid ones."""
   name = config.data.dataset
   if name not in DATASETS:
-    raise UserError(f"unknown config.data.dataset '{name}'; use one of"
-                    f" {', '.join(DATASETS)}.")
+    raise UserError(f"unknown config.data.dataset '{name}'; use one of {', '.join(DATASETS)}.")
   return DATASETS[name]
 
 
@@ -149,8 +155,8 @@ def open_split(config, split: str) -> Split:
     data_source = builder.as_data_source(split, decoders=_SKIP_IMAGE_DECODING)
   except ValueError as e:
     raise UserError(
-        f"cannot open split '{split}' of {config.data.dataset} (prepared in"
-        f' {builder.data_dir}): {e} Set config.data.train_split /'
-        ' config.data.eval_split to an existing split.'.replace('\n', ' ')
+      f"cannot open split '{split}' of {config.data.dataset} (prepared in"
+      f' {builder.data_dir}): {e} Set config.data.train_split /'
+      ' config.data.eval_split to an existing split.'.replace('\n', ' ')
     ) from e
   return Split(data_source, spec.to_attributes)

@@ -5,10 +5,11 @@ is both the test fixture and the offline face demo. Ten attributes, sampled
 independently, visibly change the pixels (`RENDERED_ATTRIBUTES`); the other 30
 are written as -1.
 """
+
 import io
 import os
 import zipfile
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -19,8 +20,16 @@ from fdiff_jax.errors import UserError
 HEIGHT, WIDTH = 218, 178  # The size of CelebA's aligned images.
 
 RENDERED_ATTRIBUTES = (
-    'Male', 'Smiling', 'Eyeglasses', 'Black_Hair', 'Blond_Hair', 'Pale_Skin',
-    'Wearing_Hat', 'Mustache', 'Bangs', 'Young',
+  'Male',
+  'Smiling',
+  'Eyeglasses',
+  'Black_Hair',
+  'Blond_Hair',
+  'Pale_Skin',
+  'Wearing_Hat',
+  'Mustache',
+  'Bangs',
+  'Young',
 )
 
 # Probability of +1 per rendered attribute; hair colours are rarer so that
@@ -32,8 +41,7 @@ _BLACK, _BLOND, _BROWN = (30, 25, 25), (240, 210, 110), (125, 80, 40)
 _HAT, _FRAME, _INK = (40, 60, 170), (10, 10, 10), (60, 30, 25)
 
 
-def render_face(attributes: Mapping[str, bool],
-                identity: int | Sequence[int]) -> np.ndarray:
+def render_face(attributes: Mapping[str, bool], identity: int | Sequence[int]) -> np.ndarray:
   """Draws one 218x178x3 uint8 face; `identity` seeds all but the attributes.
 
   The same identity with one attribute flipped changes only that attribute's
@@ -55,8 +63,7 @@ def render_face(attributes: Mapping[str, bool],
     hair_box = (cx - rx - 8, cy - ry - 14, cx + rx + 8, cy + 10)
   _draw_hair(draw, hair_box, a['Black_Hair'], a['Blond_Hair'], cx)
   jaw = 10 if a['Male'] else 0  # Male faces get a wider jaw.
-  draw.ellipse((cx - rx - jaw // 2, cy - ry, cx + rx + jaw // 2, cy + ry),
-               fill=skin)
+  draw.ellipse((cx - rx - jaw // 2, cy - ry, cx + rx + jaw // 2, cy + ry), fill=skin)
 
   eye_y, eye_dx = cy - 8, 21 + int(rng.integers(-2, 3))
   for side in (-1, 1):
@@ -64,46 +71,38 @@ def render_face(attributes: Mapping[str, bool],
     draw.ellipse((ex - 8, eye_y - 5, ex + 8, eye_y + 5), fill=(255, 255, 255))
     draw.ellipse((ex - 4, eye_y - 4, ex + 4, eye_y + 4), fill=(40, 30, 30))
     draw.line((ex - 10, eye_y - 13, ex + 10, eye_y - 13), fill=_INK, width=3)
-  draw.polygon(((cx, eye_y + 4), (cx - 6, cy + 18), (cx + 6, cy + 18)),
-               fill=tuple(max(c - 35, 0) for c in skin))
+  draw.polygon(
+    ((cx, eye_y + 4), (cx - 6, cy + 18), (cx + 6, cy + 18)),
+    fill=tuple(max(c - 35, 0) for c in skin),
+  )
 
   mouth_y = cy + 36
   if a['Smiling']:  # Open smile with teeth.
-    draw.chord((cx - 24, mouth_y - 14, cx + 24, mouth_y + 16), 0, 180,
-               fill=(150, 20, 30))
-    draw.rectangle((cx - 16, mouth_y + 1, cx + 16, mouth_y + 5),
-                   fill=(255, 255, 255))
+    draw.chord((cx - 24, mouth_y - 14, cx + 24, mouth_y + 16), 0, 180, fill=(150, 20, 30))
+    draw.rectangle((cx - 16, mouth_y + 1, cx + 16, mouth_y + 5), fill=(255, 255, 255))
   else:
-    draw.line((cx - 16, mouth_y + 2, cx + 16, mouth_y + 2), fill=(150, 40, 50),
-              width=5)
+    draw.line((cx - 16, mouth_y + 2, cx + 16, mouth_y + 2), fill=(150, 40, 50), width=5)
   if a['Mustache']:
-    draw.rounded_rectangle((cx - 26, mouth_y - 16, cx + 26, mouth_y - 5),
-                           radius=5, fill=_INK)
+    draw.rounded_rectangle((cx - 26, mouth_y - 16, cx + 26, mouth_y - 5), radius=5, fill=_INK)
   if not a['Young']:  # Wrinkles: forehead, under the eyes, nose to mouth.
     for dy in (-44, -34):
       draw.line((cx - 26, cy + dy, cx + 26, cy + dy), fill=_INK, width=4)
     for side in (-1, 1):
       ex = cx + side * eye_dx
-      draw.arc((ex - 12, eye_y + 6, ex + 12, eye_y + 22), 20, 160, fill=_INK,
-               width=4)
-      draw.line((cx + side * 14, cy + 12, cx + side * 30, cy + 34), fill=_INK,
-                width=4)
+      draw.arc((ex - 12, eye_y + 6, ex + 12, eye_y + 22), 20, 160, fill=_INK, width=4)
+      draw.line((cx + side * 14, cy + 12, cx + side * 30, cy + 34), fill=_INK, width=4)
   if a['Bangs']:  # A fringe of hair over the forehead.
     fringe = (cx - rx + 4, cy - ry - 6, cx + rx - 4, eye_y - 18)
     _draw_hair(draw, fringe, a['Black_Hair'], a['Blond_Hair'], cx)
   if a['Eyeglasses']:  # Big round frames and a bridge.
     for side in (-1, 1):
       ex = cx + side * eye_dx
-      draw.ellipse((ex - 16, eye_y - 14, ex + 16, eye_y + 14), outline=_FRAME,
-                   width=5)
-    draw.line((cx - eye_dx + 16, eye_y, cx + eye_dx - 16, eye_y), fill=_FRAME,
-              width=5)
+      draw.ellipse((ex - 16, eye_y - 14, ex + 16, eye_y + 14), outline=_FRAME, width=5)
+    draw.line((cx - eye_dx + 16, eye_y, cx + eye_dx - 16, eye_y), fill=_FRAME, width=5)
   if a['Wearing_Hat']:  # Crown and brim above the forehead.
     brim_y = cy - ry + 8
-    draw.rectangle((cx - rx + 6, brim_y - 50, cx + rx - 6, brim_y - 6),
-                   fill=_HAT)
-    draw.rectangle((cx - rx - 22, brim_y - 10, cx + rx + 22, brim_y + 2),
-                   fill=_HAT)
+    draw.rectangle((cx - rx + 6, brim_y - 50, cx + rx - 6, brim_y - 6), fill=_HAT)
+    draw.rectangle((cx - rx - 22, brim_y - 10, cx + rx + 22, brim_y + 2), fill=_HAT)
   return np.asarray(image)
 
 
@@ -118,12 +117,10 @@ def _draw_hair(draw, box, black: bool, blond: bool, cx: int):
 
 def sample_attributes(rng: np.random.Generator) -> dict[str, bool]:
   """Samples each rendered attribute independently."""
-  return {name: bool(rng.random() < _PROBABILITY[name])
-          for name in RENDERED_ATTRIBUTES}
+  return {name: bool(rng.random() < _PROBABILITY[name]) for name in RENDERED_ATTRIBUTES}
 
 
-def write_synthetic_celeba(out_dir: str, num: int, seed: int = 0,
-                           layout: str = 'official') -> None:
+def write_synthetic_celeba(out_dir: str, num: int, seed: int = 0, layout: str = 'official') -> None:
   """Writes `num` faces plus attribute and partition files into `out_dir`.
 
   layout='official': `img_align_celeba.zip` (entries
@@ -136,8 +133,7 @@ def write_synthetic_celeba(out_dir: str, num: int, seed: int = 0,
   if layout not in ('official', 'kaggle'):
     raise UserError(f"unknown layout '{layout}'; use 'official' or 'kaggle'.")
   if num < 3:
-    raise UserError(f'num={num} is too small; write at least 3 images (one'
-                    ' per split).')
+    raise UserError(f'num={num} is too small; write at least 3 images (one per split).')
   os.makedirs(out_dir, exist_ok=True)
   names = [f'{i:06d}.jpg' for i in range(1, num + 1)]
   rows, partitions = [], []
@@ -147,12 +143,10 @@ def write_synthetic_celeba(out_dir: str, num: int, seed: int = 0,
     rng = np.random.default_rng([seed, i])
     present = sample_attributes(rng)
     buffer = io.BytesIO()
-    Image.fromarray(render_face(present, [seed, i, 1])).save(
-        buffer, format='JPEG', quality=95)
+    Image.fromarray(render_face(present, [seed, i, 1])).save(buffer, format='JPEG', quality=95)
     images[name] = buffer.getvalue()
     rows.append([1 if present.get(a) else -1 for a in CELEBA_ATTRIBUTES])
-    partitions.append(0 if i < num - 2 * num_eval else
-                      1 if i < num - num_eval else 2)
+    partitions.append(0 if i < num - 2 * num_eval else 1 if i < num - num_eval else 2)
   if layout == 'official':
     _write_official(out_dir, names, rows, partitions, images)
   else:
@@ -164,8 +158,9 @@ _ZIP_DATE_TIME = (2015, 1, 1, 0, 0, 0)  # CelebA's release year
 
 def _write_official(out_dir, names, rows, partitions, images):
   """Writes the files as CelebA's Google Drive distributes them."""
-  with zipfile.ZipFile(os.path.join(out_dir, 'img_align_celeba.zip'), 'w',
-                       zipfile.ZIP_STORED) as archive:
+  with zipfile.ZipFile(
+    os.path.join(out_dir, 'img_align_celeba.zip'), 'w', zipfile.ZIP_STORED
+  ) as archive:
     for name in names:
       # A fixed timestamp: the same seed gives byte-identical archives.
       entry = zipfile.ZipInfo(f'img_align_celeba/{name}', _ZIP_DATE_TIME)

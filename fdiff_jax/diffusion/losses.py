@@ -1,6 +1,7 @@
 """Forward noising, prediction targets and the training loss with CFG condition dropout."""
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ from fdiff_jax.diffusion.schedules import Schedule, per_example
 from fdiff_jax.errors import lookup
 
 # model_fn(x_t [B,H,W,C], t int32 [B], attributes [B,A] or None) -> output [B,H,W,C].
-ModelFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
+ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 
 class Prediction(NamedTuple):
@@ -22,15 +23,19 @@ class Prediction(NamedTuple):
 
 # Name -> Prediction; the names config.diffusion.prediction accepts.
 PREDICTIONS = {
-    'eps': Prediction(
-        target=lambda alpha, sigma, x0, noise: noise,
-        eps_and_x0=lambda alpha, sigma, x_t, out: (out, (x_t - sigma * out) / alpha),
-        snr_offset=0.0),
-    'v': Prediction(  # v = alpha eps - sigma x0 (Salimans & Ho 2022)
-        target=lambda alpha, sigma, x0, noise: alpha * noise - sigma * x0,
-        eps_and_x0=lambda alpha, sigma, x_t, out: (sigma * x_t + alpha * out,
-                                                   alpha * x_t - sigma * out),
-        snr_offset=1.0),
+  'eps': Prediction(
+    target=lambda alpha, sigma, x0, noise: noise,
+    eps_and_x0=lambda alpha, sigma, x_t, out: (out, (x_t - sigma * out) / alpha),
+    snr_offset=0.0,
+  ),
+  'v': Prediction(  # v = alpha eps - sigma x0 (Salimans & Ho 2022)
+    target=lambda alpha, sigma, x0, noise: alpha * noise - sigma * x0,
+    eps_and_x0=lambda alpha, sigma, x_t, out: (
+      sigma * x_t + alpha * out,
+      alpha * x_t - sigma * out,
+    ),
+    snr_offset=1.0,
+  ),
 }
 
 
@@ -40,8 +45,10 @@ def _prediction(name: str) -> Prediction:
 
 def _alpha_sigma(schedule: Schedule, t: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
   """sqrt(ab_t) and sqrt(1 - ab_t), shaped to broadcast over rank-ndim examples."""
-  return (per_example(schedule.sqrt_alpha_bars, t, ndim),
-          per_example(schedule.sqrt_one_minus_alpha_bars, t, ndim))
+  return (
+    per_example(schedule.sqrt_alpha_bars, t, ndim),
+    per_example(schedule.sqrt_one_minus_alpha_bars, t, ndim),
+  )
 
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
@@ -50,14 +57,16 @@ def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) 
   return alpha * x0 + sigma * noise
 
 
-def training_target(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array,
-                    prediction: str) -> jax.Array:
+def training_target(
+  schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array, prediction: str
+) -> jax.Array:
   """What the model regresses: the noise (eps) or v = sqrt(ab) eps - sqrt(1 - ab) x0."""
   return _prediction(prediction).target(*_alpha_sigma(schedule, t, x0.ndim), x0, noise)
 
 
-def predict_eps_and_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, output: jax.Array,
-                       prediction: str) -> tuple[jax.Array, jax.Array]:
+def predict_eps_and_x0(
+  schedule: Schedule, x_t: jax.Array, t: jax.Array, output: jax.Array, prediction: str
+) -> tuple[jax.Array, jax.Array]:
   """Converts a model output at (x_t, t) into its implied (eps, x0); t is [B] or scalar."""
   return _prediction(prediction).eps_and_x0(*_alpha_sigma(schedule, t, x_t.ndim), x_t, output)
 
@@ -67,8 +76,9 @@ def min_snr_weight(snr: jax.Array, gamma: float, prediction: str) -> jax.Array:
   return jnp.minimum(snr, gamma) / (snr + _prediction(prediction).snr_offset)
 
 
-def drop_condition(rng: jax.Array, attributes: Optional[jax.Array], p_uncond: float,
-                   p_attr_drop: float) -> Optional[jax.Array]:
+def drop_condition(
+  rng: jax.Array, attributes: jax.Array | None, p_uncond: float, p_attr_drop: float
+) -> jax.Array | None:
   """Zeroes whole attribute rows w.p. p_uncond and, independently, single attributes w.p.
 
   p_attr_drop, so the model learns the unconditional and partially specified inputs CFG uses.
@@ -81,10 +91,18 @@ def drop_condition(rng: jax.Array, attributes: Optional[jax.Array], p_uncond: fl
   return jnp.where(keep_row & keep_attr, attributes, 0)
 
 
-def diffusion_loss(model_fn: ModelFn, schedule: Schedule, x0: jax.Array,
-                   attributes: Optional[jax.Array], rng: jax.Array, *, prediction: str = 'eps',
-                   min_snr_gamma: float = 0.0, p_uncond: float = 0.1,
-                   p_attr_drop: float = 0.0) -> jax.Array:
+def diffusion_loss(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  x0: jax.Array,
+  attributes: jax.Array | None,
+  rng: jax.Array,
+  *,
+  prediction: str = 'eps',
+  min_snr_gamma: float = 0.0,
+  p_uncond: float = 0.1,
+  p_attr_drop: float = 0.0,
+) -> jax.Array:
   """Batch-mean MSE to the eps/v target at uniformly random t, min-SNR weighted if gamma > 0."""
   t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
   t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps, jnp.int32)

@@ -66,17 +66,17 @@ def make_schedule(kind: str, timesteps: int = 1000) -> Schedule:
   clipped = np.append(posterior_variance[1], posterior_variance[1:])
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   return Schedule(
-      betas=f32(betas),
-      alphas=f32(alphas),
-      alpha_bars=f32(alpha_bars),
-      sqrt_alpha_bars=f32(np.sqrt(alpha_bars)),
-      sqrt_one_minus_alpha_bars=f32(np.sqrt(1.0 - alpha_bars)),
-      posterior_variance=f32(posterior_variance),
-      posterior_log_variance_clipped=f32(np.log(clipped)),
-      posterior_mean_coef1=f32(betas * np.sqrt(alpha_bars_prev) / (1.0 - alpha_bars)),
-      posterior_mean_coef2=f32((1.0 - alpha_bars_prev) * np.sqrt(alphas) / (1.0 - alpha_bars)),
-      snr=f32(alpha_bars / (1.0 - alpha_bars)),
-      log_snr=f32(np.log(alpha_bars) - np.log1p(-alpha_bars)),
+    betas=f32(betas),
+    alphas=f32(alphas),
+    alpha_bars=f32(alpha_bars),
+    sqrt_alpha_bars=f32(np.sqrt(alpha_bars)),
+    sqrt_one_minus_alpha_bars=f32(np.sqrt(1.0 - alpha_bars)),
+    posterior_variance=f32(posterior_variance),
+    posterior_log_variance_clipped=f32(np.log(clipped)),
+    posterior_mean_coef1=f32(betas * np.sqrt(alpha_bars_prev) / (1.0 - alpha_bars)),
+    posterior_mean_coef2=f32((1.0 - alpha_bars_prev) * np.sqrt(alphas) / (1.0 - alpha_bars)),
+    snr=f32(alpha_bars / (1.0 - alpha_bars)),
+    log_snr=f32(np.log(alpha_bars) - np.log1p(-alpha_bars)),
   )
 
 

@@ -6,8 +6,6 @@ timestep grid (`sampling_timesteps`): `steps` evenly spaced timesteps starting a
 step moving to the next grid point and the last one to the clean image (alpha_bar = 1).
 """
 
-from typing import Optional, Union
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +15,7 @@ from fdiff_jax.diffusion.losses import ModelFn, predict_eps_and_x0
 from fdiff_jax.diffusion.schedules import Schedule
 from fdiff_jax.errors import UserError, lookup
 
-Guidance = Union[float, jax.Array]
+Guidance = float | jax.Array
 
 
 def sampling_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
@@ -31,8 +29,9 @@ def sampling_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
   return (num_timesteps * remaining // steps - 1).astype(np.int32)
 
 
-def guided_output(model_fn: ModelFn, x: jax.Array, t: jax.Array,
-                  attributes: Optional[jax.Array], guidance: Guidance) -> jax.Array:
+def guided_output(
+  model_fn: ModelFn, x: jax.Array, t: jax.Array, attributes: jax.Array | None, guidance: Guidance
+) -> jax.Array:
   """CFG output uncond + w (cond - uncond), both branches in one batched model call.
 
   Guiding the raw output is the same as guiding eps for v-prediction too: at fixed x_t the
@@ -41,8 +40,11 @@ def guided_output(model_fn: ModelFn, x: jax.Array, t: jax.Array,
   """
   if attributes is None or (isinstance(guidance, (int, float)) and guidance == 1.0):
     return model_fn(x, t, attributes)
-  both = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                  jnp.concatenate([attributes, jnp.zeros_like(attributes)]))
+  both = model_fn(
+    jnp.concatenate([x, x]),
+    jnp.concatenate([t, t]),
+    jnp.concatenate([attributes, jnp.zeros_like(attributes)]),
+  )
   cond, uncond = jnp.split(both, 2)
   w = jnp.asarray(guidance, jnp.float32)
   w = w.reshape(w.shape + (1,) * (cond.ndim - w.ndim))
@@ -51,8 +53,9 @@ def guided_output(model_fn: ModelFn, x: jax.Array, t: jax.Array,
 
 def ddim_sigma(alpha_bar: jax.Array, alpha_bar_prev: jax.Array, eta: float) -> jax.Array:
   """DDIM step noise std (Song et al. 2021, eq. 16); eta=1 gives the DDPM posterior std."""
-  return eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
-                        * (1.0 - alpha_bar / alpha_bar_prev))
+  return eta * jnp.sqrt(
+    (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev)
+  )
 
 
 def _denoise(model_fn, schedule, x, t, attributes, guidance, prediction, clip_x0):
@@ -73,10 +76,18 @@ def _grid_alpha_bars(schedule: Schedule, steps: int):
   return grid, alpha_bar, jnp.append(alpha_bar[1:], 1.0)
 
 
-def ddpm_sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
-                attributes: Optional[jax.Array], rng: jax.Array, *, steps: int,
-                guidance: Guidance = 1.0, prediction: str = 'eps',
-                clip_x0: bool = True) -> jax.Array:
+def ddpm_sample(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  x_T: jax.Array,
+  attributes: jax.Array | None,
+  rng: jax.Array,
+  *,
+  steps: int,
+  guidance: Guidance = 1.0,
+  prediction: str = 'eps',
+  clip_x0: bool = True,
+) -> jax.Array:
   """Ancestral sampling (Ho et al. 2020) from the posterior q(x_{t-1} | x_t, x0) over all T.
 
   `steps` must be T: it is taken so all solvers share one signature, and checked so a shorter
@@ -84,8 +95,9 @@ def ddpm_sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
   """
   T = schedule.num_timesteps
   if steps != T:
-    raise UserError(f"sampler 'ddpm' runs all {T} steps, got steps={steps}; set steps={T} "
-                    "or use 'ddim'/'dpm++'")
+    raise UserError(
+      f"sampler 'ddpm' runs all {T} steps, got steps={steps}; set steps={T} or use 'ddim'/'dpm++'"
+    )
 
   def step(x, i):
     t = T - 1 - i
@@ -99,10 +111,19 @@ def ddpm_sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
   return x
 
 
-def ddim_sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
-                attributes: Optional[jax.Array], rng: jax.Array, *, steps: int,
-                eta: float = 0.0, guidance: Guidance = 1.0, prediction: str = 'eps',
-                clip_x0: bool = True) -> jax.Array:
+def ddim_sample(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  x_T: jax.Array,
+  attributes: jax.Array | None,
+  rng: jax.Array,
+  *,
+  steps: int,
+  eta: float = 0.0,
+  guidance: Guidance = 1.0,
+  prediction: str = 'eps',
+  clip_x0: bool = True,
+) -> jax.Array:
   """DDIM (Song et al. 2021) on the shared grid; eta=0 is deterministic, eta=1 is DDPM-like."""
   if isinstance(eta, (int, float)) and not 0 <= eta <= 1:
     raise UserError(f'DDIM eta must be in [0, 1], got {eta}')
@@ -112,8 +133,10 @@ def ddim_sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
     i, t, alpha_bar, alpha_bar_prev = xs
     eps, x0 = _denoise(model_fn, schedule, x, t, attributes, guidance, prediction, clip_x0)
     sigma = ddim_sigma(alpha_bar, alpha_bar_prev, eta)
-    x_prev = (jnp.sqrt(alpha_bar_prev) * x0
-              + jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps)
+    x_prev = (
+      jnp.sqrt(alpha_bar_prev) * x0
+      + jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps
+    )
     if deterministic:
       return x_prev, None
     noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
@@ -124,10 +147,18 @@ def ddim_sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
   return x
 
 
-def dpmpp_2m_sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
-                    attributes: Optional[jax.Array], rng: jax.Array, *, steps: int,
-                    guidance: Guidance = 1.0, prediction: str = 'eps',
-                    clip_x0: bool = True) -> jax.Array:
+def dpmpp_2m_sample(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  x_T: jax.Array,
+  attributes: jax.Array | None,
+  rng: jax.Array,
+  *,
+  steps: int,
+  guidance: Guidance = 1.0,
+  prediction: str = 'eps',
+  clip_x0: bool = True,
+) -> jax.Array:
   """DPM-Solver++(2M) (Lu et al. 2022): multistep second-order ODE solver on x0 predictions.
 
   With h the step in lambda = log(alpha / sigma), each step is
@@ -155,14 +186,20 @@ def dpmpp_2m_sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
   second_order = (index > 0) & (index < steps - 1)
   h_prev = jnp.append(1.0, h[:-1])
   correction = jnp.where(second_order, h / (2.0 * h_prev), 0.0)
-  (x, _), _ = lax.scan(step, (x_T, jnp.zeros_like(x_T)),
-                       (grid, sigma_ratio, data_coef, correction))
+  (x, _), _ = lax.scan(step, (x_T, jnp.zeros_like(x_T)), (grid, sigma_ratio, data_coef, correction))
   return x
 
 
-def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0: jax.Array,
-                attributes: Optional[jax.Array], *, steps: int, guidance: Guidance = 1.0,
-                prediction: str = 'eps') -> jax.Array:
+def ddim_invert(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  x0: jax.Array,
+  attributes: jax.Array | None,
+  *,
+  steps: int,
+  guidance: Guidance = 1.0,
+  prediction: str = 'eps',
+) -> jax.Array:
   """Deterministic DDIM inversion x0 -> x_T, undone by ddim_sample(eta=0, clip_x0=False).
 
   Walks the sampling grid backwards; each step reuses the DDIM update with eps taken at the
@@ -185,12 +222,32 @@ def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0: jax.Array,
 SAMPLERS = {'ddpm': ddpm_sample, 'ddim': ddim_sample, 'dpm++': dpmpp_2m_sample}
 
 
-def sample(model_fn: ModelFn, schedule: Schedule, x_T: jax.Array,
-           attributes: Optional[jax.Array], rng: jax.Array, *, sampler: str, steps: int,
-           guidance: Guidance = 1.0, eta: float = 0.0, prediction: str = 'eps',
-           clip_x0: bool = True) -> jax.Array:
+def sample(
+  model_fn: ModelFn,
+  schedule: Schedule,
+  x_T: jax.Array,
+  attributes: jax.Array | None,
+  rng: jax.Array,
+  *,
+  sampler: str,
+  steps: int,
+  guidance: Guidance = 1.0,
+  eta: float = 0.0,
+  prediction: str = 'eps',
+  clip_x0: bool = True,
+) -> jax.Array:
   """Runs the named solver ('ddpm' needs steps == T; eta only affects 'ddim')."""
   solve = lookup(SAMPLERS, sampler, 'sampler')
   noise = {'eta': eta} if solve is ddim_sample else {}
-  return solve(model_fn, schedule, x_T, attributes, rng, steps=steps, guidance=guidance,
-               prediction=prediction, clip_x0=clip_x0, **noise)
+  return solve(
+    model_fn,
+    schedule,
+    x_T,
+    attributes,
+    rng,
+    steps=steps,
+    guidance=guidance,
+    prediction=prediction,
+    clip_x0=clip_x0,
+    **noise,
+  )

@@ -4,6 +4,7 @@ Statistics are accumulated in float64 so millions of features sum without
 loss; the matrix square root is taken in a symmetric eigen-decomposition form
 that stays exact for singular covariances (few samples, dead features).
 """
+
 import dataclasses
 
 import numpy as np
@@ -12,6 +13,7 @@ import numpy as np
 @dataclasses.dataclass
 class FeatureStatistics:
   """Running sums of features, their outer products and the count, in float64."""
+
   total: np.ndarray | None = None
   outer: np.ndarray | None = None
   count: int = 0
@@ -59,4 +61,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
     raise ValueError(f'feature statistics differ in shape: {mu1.shape} vs {mu2.shape}')
   diff = mu1 - mu2
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
+  return float(
+    diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
+  )

@@ -7,6 +7,7 @@ bilinearly (no antialiasing) to 299x299 and scaled to [-1, 1]. Module names
 equal the PyTorch state-dict names, so pytorch-fid's published weights
 (`pt_inception-2015-12-05-6726825d.pth`) load directly.
 """
+
 import functools
 import hashlib
 import os
@@ -21,8 +22,10 @@ import numpy as np
 from fdiff_jax.errors import UserError
 from fdiff_jax.metrics import torch_state_dict
 
-WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
-               'pt_inception-2015-12-05-6726825d.pth')
+WEIGHTS_URL = (
+  'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+  'pt_inception-2015-12-05-6726825d.pth'
+)
 WEIGHTS_SHA256 = '6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2'
 WEIGHTS_FILE = os.path.basename(WEIGHTS_URL)
 INPUT_SIZE = 299
@@ -31,6 +34,7 @@ FEATURES = 2048
 
 class BasicConv(nn.Module):
   """Conv (no bias) -> BatchNorm (eps 1e-3, inference statistics) -> ReLU."""
+
   features: int
   kernel: tuple[int, int] = (1, 1)
   strides: int = 1
@@ -38,8 +42,14 @@ class BasicConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.features, self.kernel, strides=self.strides, use_bias=False,
-                padding=tuple((p, p) for p in self.padding), name='conv')(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel,
+      strides=self.strides,
+      use_bias=False,
+      padding=tuple((p, p) for p in self.padding),
+      name='conv',
+    )(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name='bn')(x)
     return nn.relu(x)
 
@@ -112,13 +122,20 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
   """Mixed_7b (average pool) and Mixed_7c (max pool: a quirk of the TF graph)."""
+
   max_pool: bool = False
 
   @nn.compact
   def __call__(self, x):
     def split(y, prefix):  # Parallel 1x3 and 3x1 convolutions, concatenated.
-      return jnp.concatenate([BasicConv(384, (1, 3), padding=(0, 1), name=f'{prefix}a')(y),
-                              BasicConv(384, (3, 1), padding=(1, 0), name=f'{prefix}b')(y)], -1)
+      return jnp.concatenate(
+        [
+          BasicConv(384, (1, 3), padding=(0, 1), name=f'{prefix}a')(y),
+          BasicConv(384, (3, 1), padding=(1, 0), name=f'{prefix}b')(y),
+        ],
+        -1,
+      )
+
     b1 = BasicConv(320, name='branch1x1')(x)
     b3 = split(BasicConv(384, name='branch3x3_1')(x), 'branch3x3_2')
     bd = BasicConv(448, name='branch3x3dbl_1')(x)
@@ -133,6 +150,7 @@ class InceptionE(nn.Module):
 
 class FIDInceptionV3(nn.Module):
   """[B, H, W, C] images in [-1, 1] (C = 1 or 3, any size) -> [B, 2048] pool features."""
+
   input_size: int = INPUT_SIZE
 
   @nn.compact
@@ -172,14 +190,19 @@ def abstract_variables(model=None):
 def torch_name(collection, path):
   """Flax variable path -> its name in pytorch-fid's state dict."""
   *modules, leaf = path
-  leaf = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
-          ('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): 'running_var'}[
-              (collection, leaf)]
+  leaf = {
+    ('params', 'kernel'): 'weight',
+    ('params', 'scale'): 'weight',
+    ('params', 'bias'): 'bias',
+    ('batch_stats', 'mean'): 'running_mean',
+    ('batch_stats', 'var'): 'running_var',
+  }[(collection, leaf)]
   return '.'.join([*modules, leaf])
 
 
 def variables_from_state_dict(state_dict, source='state dict'):
   """pytorch-fid's {name: array} -> Flax variables, checking every name and shape."""
+
   def convert(path, leaf):
     collection, *rest = [k.key for k in path]
     name = torch_name(collection, rest)
@@ -190,6 +213,7 @@ def variables_from_state_dict(state_dict, source='state dict'):
     if value.shape != leaf.shape:
       raise UserError(f'{source}: {name!r} has shape {value.shape}, expected {leaf.shape}')
     return jnp.asarray(value)
+
   return jax.tree_util.tree_map_with_path(convert, abstract_variables())
 
 
@@ -211,14 +235,17 @@ def load_variables(path):
 def how_to_get_weights(cache_dir=None):
   """One line telling the user where the weights come from and where to put them."""
   target = os.path.join(cache_dir or default_cache_dir(), WEIGHTS_FILE)
-  return (f'download {WEIGHTS_URL} (sha256 {WEIGHTS_SHA256}) and pass --inception-weights PATH, '
-          f'or put it at {target}')
+  return (
+    f'download {WEIGHTS_URL} (sha256 {WEIGHTS_SHA256}) and pass --inception-weights PATH, '
+    f'or put it at {target}'
+  )
 
 
 def default_cache_dir():
   """$FDIFF_CACHE, else $XDG_CACHE_HOME/fdiff_jax, else ~/.cache/fdiff_jax."""
   return os.environ.get('FDIFF_CACHE') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'fdiff_jax')
+    os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'fdiff_jax'
+  )
 
 
 def sha256(path):
@@ -246,12 +273,15 @@ def cached_weights(cache_dir=None, timeout=60):
       shutil.copyfileobj(response, f)
     digest = sha256(tmp)
     if digest != WEIGHTS_SHA256:
-      raise UserError(f'downloaded Inception weights have sha256 {digest}, expected '
-                      f'{WEIGHTS_SHA256}; {how_to_get_weights(cache_dir)}')
+      raise UserError(
+        f'downloaded Inception weights have sha256 {digest}, expected '
+        f'{WEIGHTS_SHA256}; {how_to_get_weights(cache_dir)}'
+      )
     os.replace(tmp, path)
   except OSError as e:  # URLError, timeouts, disk errors.
-    raise UserError(f'cannot download the Inception weights ({e}); '
-                    f'{how_to_get_weights(cache_dir)}') from None
+    raise UserError(
+      f'cannot download the Inception weights ({e}); {how_to_get_weights(cache_dir)}'
+    ) from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

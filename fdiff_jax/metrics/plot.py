@@ -1,9 +1,18 @@
 """Small line charts drawn with PIL for evaluation reports (matplotlib is not a dependency)."""
+
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127))
+COLORS = (
+  (31, 119, 180),
+  (214, 39, 40),
+  (44, 160, 44),
+  (148, 103, 189),
+  (255, 127, 14),
+  (140, 86, 75),
+  (227, 119, 194),
+  (127, 127, 127),
+)
 
 
 def _ticks(low, high, count=5):
@@ -59,8 +68,14 @@ def _segment(draw, a, b, color, dashed):
   length = max(np.hypot(b[0] - a[0], b[1] - a[1]), 1e-9)
   for start in np.arange(0.0, length, 10.0):
     t0, t1 = start / length, min(start + 5.0, length) / length
-    draw.line(((a[0] + (b[0] - a[0]) * t0, a[1] + (b[1] - a[1]) * t0),
-               (a[0] + (b[0] - a[0]) * t1, a[1] + (b[1] - a[1]) * t1)), fill=color, width=2)
+    draw.line(
+      (
+        (a[0] + (b[0] - a[0]) * t0, a[1] + (b[1] - a[1]) * t0),
+        (a[0] + (b[0] - a[0]) * t1, a[1] + (b[1] - a[1]) * t1),
+      ),
+      fill=color,
+      width=2,
+    )
 
 
 def side_by_side(panels):

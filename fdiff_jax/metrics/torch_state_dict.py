@@ -7,6 +7,7 @@ everything else. Both torch's zip format (>= 1.6: `archive/data.pkl` plus one
 raw file per storage) and the older legacy format (pickles followed by the
 raw storages) are read.
 """
+
 import collections
 import io
 import pickle
@@ -15,12 +16,18 @@ import zipfile
 
 import numpy as np
 
-LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 _STORAGE_DTYPES = {
-    'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
-    'LongStorage': np.int64, 'IntStorage': np.int32, 'ShortStorage': np.int16,
-    'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
+  'FloatStorage': np.float32,
+  'DoubleStorage': np.float64,
+  'HalfStorage': np.float16,
+  'LongStorage': np.int64,
+  'IntStorage': np.int32,
+  'ShortStorage': np.int16,
+  'CharStorage': np.int8,
+  'ByteStorage': np.uint8,
+  'BoolStorage': np.bool_,
 }
 
 
@@ -40,8 +47,11 @@ class _LazyTensor:
     flat = storages[key]
     if not self.size:
       return flat[self.offset].copy()
-    return np.array(np.lib.stride_tricks.as_strided(
-        flat[self.offset:], shape=self.size, strides=tuple(s * dtype.itemsize for s in self.stride)))
+    return np.array(
+      np.lib.stride_tricks.as_strided(
+        flat[self.offset :], shape=self.size, strides=tuple(s * dtype.itemsize for s in self.stride)
+      )
+    )
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
@@ -60,11 +70,11 @@ class _StorageType:
 
 
 _ALLOWED = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
-    **{('torch', name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+  ('collections', 'OrderedDict'): collections.OrderedDict,
+  ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+  ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
+  ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+  **{('torch', name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
 }
 
 
@@ -95,11 +105,13 @@ def _read_zip(path):
     pickle_name = next((n for n in archive.namelist() if n.rpartition('/')[2] == 'data.pkl'), None)
     if pickle_name is None:
       raise ValueError(f'{path} is a zip file without data.pkl, not a torch checkpoint')
-    prefix = pickle_name[:-len('data.pkl')]
+    prefix = pickle_name[: -len('data.pkl')]
     unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickle_name)))
     result = unpickler.load()
-    storages = {key: np.frombuffer(archive.read(f'{prefix}data/{key}'), dtype)
-                for key, dtype in unpickler.storages.items()}
+    storages = {
+      key: np.frombuffer(archive.read(f'{prefix}data/{key}'), dtype)
+      for key, dtype in unpickler.storages.items()
+    }
   return result, storages
 
 
@@ -121,7 +133,7 @@ def _read_legacy(path):
     storages = {}
     for key in _RestrictedUnpickler(f).load():
       dtype = unpickler.storages[str(key)]
-      numel, = struct.unpack('<q', f.read(8))
+      (numel,) = struct.unpack('<q', f.read(8))
       storages[str(key)] = np.frombuffer(f.read(numel * dtype.itemsize), dtype)
   return result, storages
 

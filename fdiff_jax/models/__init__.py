@@ -1,4 +1,5 @@
 """Model construction from a config."""
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,11 +16,18 @@ def build_model(model_config, num_attributes: int) -> UNet:
   `model.kernels` is resolved here, once (a saved config without it means 'auto').
   """
   m = model_config
-  return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-              attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
-              dropout=m.dropout, num_attributes=num_attributes if m.conditional else 0,
-              dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-              kernels=kernels.resolve(m.get('kernels', 'auto')))
+  return UNet(
+    ch=m.ch,
+    ch_mult=tuple(m.ch_mult),
+    num_res_blocks=m.num_res_blocks,
+    attn_resolutions=tuple(m.attn_resolutions),
+    num_heads=m.num_heads,
+    dropout=m.dropout,
+    num_attributes=num_attributes if m.conditional else 0,
+    dtype=jnp.dtype(m.dtype),
+    param_dtype=jnp.dtype(m.param_dtype),
+    kernels=kernels.resolve(m.get('kernels', 'auto')),
+  )
 
 
 def initial_params(model: UNet, rng: jax.Array, image_shape: Sequence[int], batch: int = 1) -> Any:
@@ -35,16 +43,31 @@ def init_once(init_fn: Callable[[], Any], out_sharding: jax.sharding.Sharding | 
   Compiled without backend optimisation: it runs once, and XLA otherwise
   spends several seconds optimising the initialisers' random number code.
   """
-  compiled = jax.jit(init_fn, out_shardings=out_sharding).lower().compile(
-      compiler_options={'xla_backend_optimization_level': 0})
+  compiled = (
+    jax.jit(init_fn, out_shardings=out_sharding)
+    .lower()
+    .compile(compiler_options={'xla_backend_optimization_level': 0})
+  )
   return compiled()
 
 
-def init_params(model: UNet, rng: jax.Array, image_shape: Sequence[int], batch: int = 1,
-                out_sharding: jax.sharding.Sharding | None = None) -> Any:
+def init_params(
+  model: UNet,
+  rng: jax.Array,
+  image_shape: Sequence[int],
+  batch: int = 1,
+  out_sharding: jax.sharding.Sharding | None = None,
+) -> Any:
   """`initial_params` computed once (see `init_once`)."""
   return init_once(lambda: initial_params(model, rng, image_shape, batch), out_sharding)
 
 
-__all__ = ['PRESETS', 'UNet', 'build_model', 'count_params', 'init_once', 'init_params',
-           'initial_params']
+__all__ = [
+  'PRESETS',
+  'UNet',
+  'build_model',
+  'count_params',
+  'init_once',
+  'init_params',
+  'initial_params',
+]

@@ -8,6 +8,7 @@ once. Both variants have the same parameters (GroupNorm's module class is
 named `GroupNorm` in both, so parameter names match) and the same math, so a
 checkpoint trained with one runs with the other (`tests/test_unet.py`).
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -40,6 +41,7 @@ class GroupNorm(nn.Module):
   flax's one-step sum over pixels and a group's channels once groups have two
   or more channels.
   """
+
   num_groups: int
   dtype: Any = jnp.float32
   epsilon: float = 1e-6
@@ -55,7 +57,8 @@ class GroupNorm(nn.Module):
     def group_mean(channel_mean):  # [B, C] -> each group's mean, repeated to [B, 1.., C]
       g = channel_mean.reshape(-1, self.num_groups, c // self.num_groups).mean(-1)
       return jnp.repeat(g, c // self.num_groups, axis=-1).reshape(
-          (x.shape[0],) + (1,) * len(pixels) + (c,))
+        (x.shape[0],) + (1,) * len(pixels) + (c,)
+      )
 
     mean = group_mean(x32.mean(pixels))
     var = jnp.maximum(group_mean(jnp.square(x32).mean(pixels)) - jnp.square(mean), 0.0)
@@ -81,12 +84,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, variant: str) -> jax.Arr
   """
   b, length, heads, d = q.shape
   fold = lambda x: x.transpose(0, 2, 1, 3).reshape(b * heads, length, d)
-  q, k, v = fold(q) * d ** -0.5, fold(k), fold(v)
-  piece = {'cpu': max(1, CPU_ATTENTION_PIECE_BYTES // (4 * length * length)),
-           'xla': b * heads}[variant]
+  q, k, v = fold(q) * d**-0.5, fold(k), fold(v)
+  piece = {'cpu': max(1, CPU_ATTENTION_PIECE_BYTES // (4 * length * length)), 'xla': b * heads}[
+    variant
+  ]
   outputs = []
   for start in range(0, b * heads, piece):
-    part = [x[start:start + piece] for x in (q, k, v)]
+    part = [x[start : start + piece] for x in (q, k, v)]
     if outputs:  # This piece starts when the previous one is done.
       outputs[-1], *part = jax.lax.optimization_barrier((outputs[-1], *part))
     outputs.append(_attention(*part))

@@ -6,8 +6,10 @@ upsampling, skip connections and a zero-initialised output conv. A sinusoidal
 timestep embedding (through an MLP) plus an attribute embedding conditions
 every ResNet block by scale-and-shift (FiLM).
 """
+
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -17,13 +19,15 @@ from fdiff_jax.models import kernels
 
 # Architecture presets; configs apply them with `config.model.update(...)`.
 PRESETS = {
-    # The original face-diffusion project's U-Net (64x64, ~1.38M parameters).
-    'original': dict(ch=32, ch_mult=(1, 1, 1, 2), num_res_blocks=2,
-                     attn_resolutions=(32, 16, 8), num_heads=1),
-    # Our recommended CelebA-64 model (~40M parameters; DDPM's CIFAR-10 net
-    # (Ho et al. 2020) with one more level for 64x64 and attention at 16 and 8).
-    'celeba64': dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                     attn_resolutions=(16, 8), num_heads=4),
+  # The original face-diffusion project's U-Net (64x64, ~1.38M parameters).
+  'original': dict(
+    ch=32, ch_mult=(1, 1, 1, 2), num_res_blocks=2, attn_resolutions=(32, 16, 8), num_heads=1
+  ),
+  # Our recommended CelebA-64 model (~40M parameters; DDPM's CIFAR-10 net
+  # (Ho et al. 2020) with one more level for 64x64 and attention at 16 and 8).
+  'celeba64': dict(
+    ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16, 8), num_heads=4
+  ),
 }
 
 
@@ -42,6 +46,7 @@ class AttributeEmbedding(nn.Module):
   so 0 (unspecified) contributes nothing and values in between interpolate
   linearly; the all-zero vector is exactly the unconditional input.
   """
+
   num_attributes: int
   features: int
   param_dtype: Any = jnp.float32
@@ -62,6 +67,7 @@ def group_norm(channels: int, dtype: Any, variant: str) -> nn.Module:
 
 class ResBlock(nn.Module):
   """GroupNorm-SiLU-Conv, FiLM by the conditioning vector, dropout, Conv."""
+
   out_ch: int
   dropout: float
   dtype: Any
@@ -70,12 +76,14 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, cond, train):
-    conv = lambda ch, k, **kw: nn.Conv(ch, (k, k), dtype=self.dtype,
-                                       param_dtype=self.param_dtype, **kw)
+    conv = lambda ch, k, **kw: nn.Conv(
+      ch, (k, k), dtype=self.dtype, param_dtype=self.param_dtype, **kw
+    )
     h = nn.silu(group_norm(x.shape[-1], self.dtype, self.kernels)(x))
     h = conv(self.out_ch, 3)(h)
-    scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype,
-                           param_dtype=self.param_dtype)(nn.silu(cond))
+    scale_shift = nn.Dense(2 * self.out_ch, dtype=self.dtype, param_dtype=self.param_dtype)(
+      nn.silu(cond)
+    )
     scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
     h = group_norm(self.out_ch, self.dtype, self.kernels)(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
@@ -87,6 +95,7 @@ class ResBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
   """Multi-head self-attention over all pixels, with a residual connection."""
+
   num_heads: int
   dtype: Any
   param_dtype: Any
@@ -97,11 +106,17 @@ class AttentionBlock(nn.Module):
     b, h, w, c = x.shape
     head_dim = c // self.num_heads
     y = group_norm(c, self.dtype, self.kernels)(x).reshape(b, h * w, c)
-    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype,
-                          param_dtype=self.param_dtype)(y)
+    qkv = nn.DenseGeneral(
+      (3, self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype
+    )(y)
     y = kernels.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.kernels)
-    y = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=nn.initializers.zeros,
-                        dtype=self.dtype, param_dtype=self.param_dtype)(y)
+    y = nn.DenseGeneral(
+      c,
+      axis=(-2, -1),
+      kernel_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )(y)
     return x + y.reshape(b, h, w, c)
 
 
@@ -113,6 +128,7 @@ class UNet(nn.Module):
   `kernels` picks the GroupNorm and attention variant ('cpu' or 'xla',
   `models/kernels.py`); both have the same parameters and outputs.
   """
+
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 4)
   num_res_blocks: int = 2
@@ -137,7 +153,8 @@ class UNet(nn.Module):
         cond = cond + AttributeEmbedding(self.num_attributes, emb_dim, self.param_dtype)(attributes)
       else:  # Same parameters as a conditional call, zero contribution.
         AttributeEmbedding(self.num_attributes, emb_dim, self.param_dtype)(
-            jnp.zeros((x.shape[0], self.num_attributes)))
+          jnp.zeros((x.shape[0], self.num_attributes))
+        )
     elif attributes is not None and attributes.shape[-1]:
       raise ValueError('this UNet is unconditional (num_attributes=0) but got attributes')
 

@@ -10,6 +10,7 @@ feeds to our Flax port. Run from the repository root:
   python -m venv --system-site-packages /tmp/fid && /tmp/fid/bin/pip install torch torchvision pytorch-fid==0.3.0
   /tmp/fid/bin/python tests/data/make_pytorch_fid_reference.py
 """
+
 import os
 import sys
 
@@ -26,8 +27,9 @@ def main():
   state_dict = {k: torch.from_numpy(np.asarray(v)) for k, v in random_state_dict().items()}
   state_dict['fc.bias'] = torch.zeros(1008)  # The logits layer, unused for pool features.
   pytorch_fid_inception.load_state_dict_from_url = lambda *args, **kwargs: state_dict
-  model = pytorch_fid_inception.InceptionV3([3], resize_input=True, normalize_input=True,
-                                            use_fid_inception=True).eval()
+  model = pytorch_fid_inception.InceptionV3(
+    [3], resize_input=True, normalize_input=True, use_fid_inception=True
+  ).eval()
   images = cross_check_images()  # NHWC in [-1, 1]; pytorch-fid takes NCHW in [0, 1].
   with torch.no_grad():
     features = model(torch.from_numpy((images + 1) / 2).permute(0, 3, 1, 2))[0]
