@@ -6,22 +6,17 @@ are checked here on a tiny classifier too.
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from preemption import sigterm_after_first_loss
 
 from configs import digits as digits_config
 from configs import test as test_config
-from fdiff_jax import checkpoints, classifier, cli, loop
+from fdiff_jax import classifier, cli, loop
 from fdiff_jax.data import CELEBA_ATTRIBUTES, RENDERED_ATTRIBUTES, pipeline
 from fdiff_jax.data.synth_celeba import write_synthetic_celeba
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -175,23 +170,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_skips_validation(small_celeba
     '--config.classifier.checkpoint_every=100000',
     '--config.classifier.log_every=1',
   ]
-  proc = subprocess.Popen(
-    [sys.executable, '-m', 'fdiff_jax', *args],
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
-  deadline = time.time() + 240
-  for line in proc.stdout:  # Wait until training is under way, then preempt.
-    if 'loss=' in line or time.time() > deadline:
-      break
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out[-3000:]
-  manager = checkpoints.checkpoint_manager(workdir)
-  steps = manager.all_steps()
-  manager.close()
+  steps = sigterm_after_first_loss(args, workdir)
   assert len(steps) == 1 and 0 < steps[0] < 100000
   assert classifier.load_classifier(workdir).step == steps[0]
   assert not os.path.exists(os.path.join(workdir, classifier.VALIDATION_FILE))

@@ -3,15 +3,14 @@
 import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import numpy as np
 import pytest
+from preemption import sigterm_after_first_loss
 
 from configs import test as test_config
 from fdiff_jax import checkpoints, cli, config_utils, diffusion, loop, parallel, train
@@ -367,23 +366,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(celeba_dirs, tm
     '--config.train.sample_every=100000',
     '--config.train.log_every=1',
   ]
-  proc = subprocess.Popen(
-    [sys.executable, '-m', 'fdiff_jax', *args],
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
-  deadline = time.time() + 240
-  for line in proc.stdout:  # Wait until training is under way, then preempt.
-    if 'loss' in line or time.time() > deadline:
-      break
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out[-3000:]
-  manager = checkpoints.checkpoint_manager(workdir)
-  steps = manager.all_steps()
-  manager.close()
+  steps = sigterm_after_first_loss(args, workdir)
   assert len(steps) == 1 and 0 < steps[0] < 100000
   step, _, _ = final_params(workdir, make_config(celeba_dirs))
   assert step == steps[0]
