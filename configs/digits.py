@@ -24,7 +24,7 @@ def get_config():
 
   config.diffusion.schedule = 'cosine'
   # v-prediction (Salimans & Ho 2022): measured here, it removed the noise-blob samples that
-  # eps-prediction gave at this short a run (README, Evaluate).
+  # eps-prediction gave at this short a run (docs/evaluation.md).
   config.diffusion.prediction = 'v'
   config.train.batch_size = 32
   config.train.num_steps = 1800

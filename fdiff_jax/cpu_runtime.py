@@ -1,21 +1,16 @@
 """Process settings that make XLA:CPU faster; `fdiff` applies them before JAX starts.
 
-Both were measured with `fdiff bench` on a 2-core Xeon (README, Performance):
+- XLA's YNNPACK library fusions, which jaxlib 0.10 uses for convolutions too,
+  run this U-Net's convolutions slower than XLA's own but its reductions
+  (softmax, GroupNorm) faster, so they are kept for reductions and single
+  matmuls only. The flag exists only in recent jaxlib and XLA aborts on
+  unknown flags, so it is added only for the jaxlib versions it was measured on.
+- XLA allocates its temporary buffer afresh for every call, and the kernel
+  faults it in 4 KiB at a time. glibc's `hugetlb` tunable backs large
+  allocations with transparent huge pages. glibc reads tunables only at
+  start-up, so the `fdiff` command re-executes itself once with GLIBC_TUNABLES set.
 
-- XLA's YNNPACK library fusions, which jaxlib 0.10 uses for convolutions
-  too, ran this U-Net's convolutions 2-3x slower than XLA's own, but its
-  reductions (softmax, GroupNorm) several times faster than XLA's. Keeping it
-  for reductions and single matmuls only took the `celeba64_original` train
-  step at batch 32 from 5.05 s (XLA's defaults) to 3.73 s (YNNPACK off), and
-  to 2.53 s with huge pages (below) and `models/kernels.py`'s 'cpu' attention. The flag exists
-  only in recent jaxlib and XLA aborts on unknown flags, so it is added only
-  for the jaxlib versions it was measured on.
-- XLA allocates its temporary buffer (2.8 GB for that step) afresh for every
-  call, and the kernel faulted it in 4 KiB at a time: 1.1 s of system time per
-  step. glibc's `hugetlb` tunable backs large allocations with transparent huge
-  pages (3.70 -> 3.30 s). glibc reads tunables only at start-up, so the `fdiff`
-  command re-executes itself once with GLIBC_TUNABLES set.
-
+What each setting gained, measured with `fdiff bench`: docs/performance.md.
 Flags and tunables the user has already set are left alone, and
 FDIFF_NO_CPU_TUNING=1 leaves XLA and glibc at their own defaults (to compare).
 """
