@@ -106,7 +106,7 @@ def _check_finite(pending, manager, section):
       )
       raise TrainingDiverged(
         f'loss is {m["loss"]} at step {step}; stopped, {kept}; lower '
-        f'--config.{section}.learning_rate or check the data'
+        f'config.{section}.learning_rate or check the data'
       )
 
 
