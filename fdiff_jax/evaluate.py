@@ -162,8 +162,10 @@ def _sample_and_classify(run, clf, vectors, guidance, settings):
   """Uint8 round-tripped samples for `vectors`, with the classifier's (predictions, features).
 
   Image i starts from noise i of the seed, for the realistic and the single-prompt
-  vectors alike; `guidance` None (an unconditional model) means no guidance.
+  vectors alike. An unconditional model samples from all-zero attributes.
   """
+  if not run.sampler.conditional:  # The baseline ignores attributes; it is scored all the same.
+    vectors = np.zeros_like(vectors)
   samples = uint8_round_trip(
     run.sampler.sample(
       vectors, seed=settings.seed, guidance=guidance, solver=settings.sampler, steps=settings.steps

@@ -223,5 +223,7 @@ def test_saved_config_without_model_kernels_loads_and_builds(tmp_path):
 def test_unknown_kernels_is_a_user_error():
   config = test_config.get_config()
   config.model.kernels = 'gpu'
-  with pytest.raises(UserError, match='config.model.kernels = .gpu.; use one of auto, cpu, xla'):
+  with pytest.raises(
+    UserError, match="unknown config.model.kernels 'gpu'; use one of auto, cpu, xla"
+  ):
     config_utils.validate(config)

@@ -15,18 +15,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-VARIANTS = ('cpu', 'xla')
-# `config.model.kernels`: 'auto' picks a variant by the default backend (`resolve`).
-CHOICES = ('auto',) + VARIANTS
+from fdiff_jax.errors import lookup
+
+# `config.model.kernels` -> what it selects; 'auto' is resolved once, at model construction.
+CHOICES = {
+  'auto': "'cpu' on the CPU backend, else 'xla'",
+  'cpu': 'per-channel-first GroupNorm sums, attention in cache-sized pieces',
+  'xla': "flax's GroupNorm, attention over the whole batch at once",
+}
 
 # 'cpu' attention runs over pieces of the batch whose [L, L] maps fit in cache.
 CPU_ATTENTION_PIECE_BYTES = 16 * 2**20
 
 
 def resolve(choice: str) -> str:
-  """The variant for a `config.model.kernels` choice: 'auto' is 'cpu' on CPU, else 'xla'."""
-  if choice not in CHOICES:
-    raise ValueError(f'kernels {choice!r}: use one of {", ".join(CHOICES)}')
+  """The variant ('cpu' or 'xla') for a `config.model.kernels` choice."""
+  lookup(CHOICES, choice, 'config.model.kernels')
   if choice == 'auto':
     return 'cpu' if jax.default_backend() == 'cpu' else 'xla'
   return choice
