@@ -48,6 +48,7 @@ def get_config():
   diffusion.min_snr_gamma = 0.0  # 0 = plain MSE; 5 is the paper's choice
   diffusion.p_uncond = 0.1  # drop the whole attribute vector (CFG)
   diffusion.p_attr_drop = 0.0  # drop each attribute independently
+  diffusion.p_partial = 0.0  # rows keeping a random subset of attributes (losses.drop_condition)
 
   # Optimisation, checkpoints, reporting (fdiff_jax/train.py).
   config.train = train = ml_collections.ConfigDict()

@@ -63,6 +63,7 @@ def train_step(state, batch, *, model, tx, schedule, config):
       min_snr_gamma=d.min_snr_gamma,
       p_uncond=d.p_uncond,
       p_attr_drop=d.p_attr_drop,
+      p_partial=d.get('p_partial', 0.0),  # absent from older saved configs
     )
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)

@@ -74,6 +74,24 @@ def test_drop_condition_rates():
   assert set(np.unique(dropped)) == {0.0, 1.0}
 
 
+def test_drop_condition_partial_rows_keep_a_uniform_fraction():
+  attrs = jnp.ones((20000, 40))
+  dropped = np.asarray(drop_condition(jax.random.key(3), attrs, 0.0, 0.0, p_partial=0.5))
+  kept = (dropped != 0).mean(axis=1)
+  full = kept == 1.0
+  assert abs(full.mean() - 0.5) < 0.02  # (a partial row keeps all 40 w.p. ~1/41)
+  partial = kept[~full]
+  # Keep rates u ~ U(0, 1): the fraction kept is spread evenly, mean 1/2.
+  assert abs(partial.mean() - 0.5) < 0.02
+  assert abs((partial < 0.25).mean() - 0.25) < 0.03
+  assert ((dropped != 0).sum(axis=1) <= 3).mean() > 0.03  # 1-3 attribute prompts occur
+  # Without partial rows the stream is the one p_uncond/p_attr_drop alone give.
+  np.testing.assert_array_equal(
+    drop_condition(jax.random.key(3), attrs, 0.1, 0.25, p_partial=0.0),
+    drop_condition(jax.random.key(3), attrs, 0.1, 0.25),
+  )
+
+
 def test_drop_condition_keeps_values_and_passes_none():
   attrs = jax.random.uniform(jax.random.key(4), (64, 5), minval=-1, maxval=1)
   assert drop_condition(jax.random.key(5), None, 0.5, 0.5) is None

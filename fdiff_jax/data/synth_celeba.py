@@ -1,9 +1,25 @@
-"""Writes a synthetic CelebA of cartoon faces in the official file layout.
+"""Writes a synthetic CelebA in the official file layout: drawn faces, CelebA-like labels.
 
 It feeds the real `celeba_files` builder exactly like downloaded CelebA, so it
-is both the test fixture and the offline face demo. Ten attributes, sampled
-independently, visibly change the pixels (`RENDERED_ATTRIBUTES`); the other 30
+is both the test fixture and the offline face world. Each face has an
+identity (head shape, skin tone, eyes, nose, mouth, hair style, clothes,
+background, pose) drawn independently of its attributes, and 17 attributes
+that visibly change their own region (`RENDERED_ATTRIBUTES`); the other 23
 are written as -1.
+
+Attribute statistics (`sample_attributes`) follow real CelebA's: the rates
+below are rounded from the positive rates and co-occurrences of CelebA's
+`list_attr_celeba.txt` (202,599 images; Liu et al., ICCV 2015), e.g. Male
+0.42, Young 0.77, Smiling 0.48, Mouth_Slightly_Open 0.48, Wearing_Lipstick
+0.47, Bangs 0.15, Eyeglasses 0.065, Wearing_Hat 0.048, Mustache 0.042,
+Goatee 0.063, Pale_Skin 0.043, Gray_Hair 0.042, Bald 0.022. Two choices
+differ from CelebA on purpose:
+  * every face has exactly one of Black/Blond/Brown/Gray_Hair or Bald (in
+    CelebA a third of the faces have none of them, e.g. red hair), so the
+    three common colours are scaled up together, keeping their ratio
+    (Black:Brown:Blond about 40:35:25) and their dependence on Male;
+  * No_Beard means neither Mustache nor Goatee (CelebA also counts full
+    beards and stubble, which are not drawn), so it is 0.92 rather than 0.84.
 """
 
 import io
@@ -19,105 +35,241 @@ from fdiff_jax.errors import UserError
 
 HEIGHT, WIDTH = 218, 178  # The size of CelebA's aligned images.
 
+HAIR_COLOURS = ('Black_Hair', 'Blond_Hair', 'Brown_Hair', 'Gray_Hair')
 RENDERED_ATTRIBUTES = (
   'Male',
-  'Smiling',
-  'Eyeglasses',
-  'Black_Hair',
-  'Blond_Hair',
-  'Pale_Skin',
-  'Wearing_Hat',
-  'Mustache',
-  'Bangs',
   'Young',
+  'Bald',
+  *HAIR_COLOURS,
+  'Bangs',
+  'Mustache',
+  'Goatee',
+  'No_Beard',
+  'Smiling',
+  'Mouth_Slightly_Open',
+  'Wearing_Lipstick',
+  'Pale_Skin',
+  'Eyeglasses',
+  'Wearing_Hat',
 )
 
-# Probability of +1 per rendered attribute; hair colours are rarer so that
-# "both" (drawn two-tone) stays uncommon.
-_PROBABILITY = {name: 0.5 for name in RENDERED_ATTRIBUTES}
-_PROBABILITY.update(Black_Hair=0.3, Blond_Hair=0.3, Mustache=0.3)
+_HAIR = {
+  'Black_Hair': (28, 24, 24),
+  'Blond_Hair': (236, 204, 110),
+  'Brown_Hair': (112, 68, 36),
+  'Gray_Hair': (178, 178, 182),
+  None: (170, 70, 30),  # Red: drawn if no colour is given (never sampled).
+}
+_SKIN_DARK, _SKIN_LIGHT = np.array((96, 60, 40)), np.array((236, 192, 160))
+_PALE = (250, 234, 226)
+_LIPSTICK, _TEETH, _MOUTH = (196, 18, 48), (250, 250, 246), (70, 16, 24)
+_FRAME = (16, 16, 20)
+_IRIS = ((70, 40, 20), (40, 90, 160), (60, 110, 60), (120, 90, 40))
+_HATS = ((30, 50, 150), (150, 30, 40), (40, 110, 60), (60, 60, 60), (200, 160, 60))
+_CLOTHES = ((40, 60, 120), (140, 30, 40), (230, 230, 230), (40, 40, 40), (70, 120, 80))
+_MALE_STYLES, _FEMALE_STYLES = ('crop', 'quiff', 'curly'), ('long', 'bob', 'waves', 'bun')
 
-_BLACK, _BLOND, _BROWN = (30, 25, 25), (240, 210, 110), (125, 80, 40)
-_HAT, _FRAME, _INK = (40, 60, 170), (10, 10, 10), (60, 30, 25)
+
+def _identity(seed) -> dict:
+  """Everything about a face that its attributes do not decide, from `seed`."""
+  rng = np.random.default_rng(seed)
+  u = rng.random
+  return dict(
+    background=(rng.integers(40, 220, 3), rng.integers(40, 220, 3)),
+    scale=0.92 + 0.16 * u(),
+    cx=WIDTH / 2 + rng.uniform(-7, 7),
+    cy=118 + rng.uniform(-6, 6),
+    yaw=rng.uniform(-5, 5),  # features shift sideways: a slight head turn
+    width=rng.uniform(0.9, 1.1),
+    height=rng.uniform(0.92, 1.08),
+    chin=rng.uniform(0.3, 0.6),  # chin width as a fraction of the face's
+    tone=u(),  # 0 dark .. 1 light
+    iris=_IRIS[rng.integers(len(_IRIS))],
+    eye_gap=rng.uniform(19, 25),
+    eye_size=rng.uniform(0.85, 1.15),
+    nose=(rng.uniform(5, 10), rng.uniform(16, 26)),  # half width, length
+    mouth=rng.uniform(13, 20),  # half width
+    style=rng.integers(12),  # picks a style among those of the face's sex
+    hat=_HATS[rng.integers(len(_HATS))],
+    clothes=_CLOTHES[rng.integers(len(_CLOTHES))],
+    glasses=rng.integers(2),  # round or square frames
+  )
 
 
 def render_face(attributes: Mapping[str, bool], identity: int | Sequence[int]) -> np.ndarray:
   """Draws one 218x178x3 uint8 face; `identity` seeds all but the attributes.
 
   The same identity with one attribute flipped changes only that attribute's
-  pixels, which is what the tests check.
+  region, which is what the tests check. No_Beard is not drawn: it is the
+  absence of Mustache and Goatee. Of the hair colours the first one set in
+  `HAIR_COLOURS` is drawn; Bald draws no hair.
   """
   a = {name: bool(attributes.get(name, False)) for name in RENDERED_ATTRIBUTES}
-  rng = np.random.default_rng(identity)
-  background = tuple(int(c) for c in rng.integers(90, 200, 3))
-  cx = WIDTH // 2 + int(rng.integers(-4, 5))
-  cy = 125 + int(rng.integers(-4, 5))
-  rx, ry = 48 + int(rng.integers(-4, 5)), 60 + int(rng.integers(-4, 5))
-  tone = int(rng.integers(-12, 13))
-  skin = (248, 228, 218) if a['Pale_Skin'] else (200 + tone, 150 + tone, 110)
-  image = Image.new('RGB', (WIDTH, HEIGHT), background)
+  p = _identity(identity)
+  s = p['scale']
+  cx, cy = p['cx'], p['cy']
+  fx = cx + p['yaw']  # where the features are centred
+  rx, ry = 46 * s * p['width'], 58 * s * p['height']
+  if a['Male']:
+    rx *= 1.06
+  hair_name = next((c for c in HAIR_COLOURS if a[c]), None)
+  hair = None if a['Bald'] else _HAIR[hair_name]
+  if a['Pale_Skin']:
+    skin = _PALE
+  else:
+    skin = tuple(int(c) for c in _SKIN_DARK + p['tone'] * (_SKIN_LIGHT - _SKIN_DARK))
+  shade = tuple(int(c * 0.7) for c in skin)
+  ink = tuple(int(c * 0.45) for c in skin)
+
+  image = Image.new('RGB', (WIDTH, HEIGHT))
   draw = ImageDraw.Draw(image)
+  top, bottom = p['background']
+  for y in range(HEIGHT):
+    t = y / (HEIGHT - 1)
+    draw.line((0, y, WIDTH, y), fill=tuple(int(c) for c in (1 - t) * top + t * bottom))
 
-  hair_box = (cx - rx - 14, cy - ry - 18, cx + rx + 14, cy + ry + 40)
-  if a['Male']:  # Short hair: a cap over the skull only.
-    hair_box = (cx - rx - 8, cy - ry - 14, cx + rx + 8, cy + 10)
-  _draw_hair(draw, hair_box, a['Black_Hair'], a['Blond_Hair'], cx)
-  jaw = 10 if a['Male'] else 0  # Male faces get a wider jaw.
-  draw.ellipse((cx - rx - jaw // 2, cy - ry, cx + rx + jaw // 2, cy + ry), fill=skin)
+  styles = _MALE_STYLES if a['Male'] else _FEMALE_STYLES
+  style = styles[p['style'] % len(styles)]
+  if hair and style in ('long', 'waves', 'bob'):  # Hair behind the head.
+    low = cy + (ry * 0.45 if style == 'bob' else ry + 52)
+    draw.rounded_rectangle((cx - rx - 14, cy - ry - 12, cx + rx + 14, low), 26, hair)
+    if style == 'waves':
+      for side in (-1, 1):
+        for k in range(4):
+          x, y = cx + side * (rx + 10), cy - ry / 2 + k * 26
+          draw.ellipse((x - 14, y, x + 14, y + 28), fill=hair)
+  if hair and style == 'bun':
+    draw.ellipse((cx - 20, cy - ry - 34, cx + 20, cy - ry + 2), fill=hair)
 
-  eye_y, eye_dx = cy - 8, 21 + int(rng.integers(-2, 3))
+  # Neck and clothes.
+  draw.rectangle((cx - rx * 0.42, cy + ry * 0.6, cx + rx * 0.42, cy + ry + 30), fill=shade)
+  draw.chord((cx - rx - 40, cy + ry + 12, cx + rx + 40, cy + ry + 120), 180, 360, p['clothes'])
+
+  # Head: a skull ellipse and a jaw down to a chin of identity-given width.
+  draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry * 0.5), fill=skin)
+  jaw = rx * (0.96 if a['Male'] else 0.88)
+  chin = rx * p['chin'] * (1.25 if a['Male'] else 1.0)
+  outline = (
+    (cx - rx, cy - 4),
+    (cx - jaw, cy + ry * 0.55),
+    (cx - chin, cy + ry),
+    (cx + chin, cy + ry),
+    (cx + jaw, cy + ry * 0.55),
+    (cx + rx, cy - 4),
+  )
+  draw.polygon(outline, fill=skin)
+  for side in (-1, 1):  # Ears.
+    draw.ellipse((cx + side * rx - 7, cy - 12, cx + side * rx + 7, cy + 14), fill=shade)
+
+  eye_y = cy - 6 * s
+  gap, size = p['eye_gap'] * s, p['eye_size']
+  mouth_y, mw = cy + 36 * s, p['mouth']
+  if not a['Young']:  # Forehead lines, bags under the eyes, nose-to-mouth folds.
+    for dy in (-44, -36, -28):
+      draw.line((fx - 24, cy + dy * s, fx + 24, cy + dy * s), fill=ink, width=4)
+    for side in (-1, 1):
+      ex = fx + side * gap
+      draw.arc((ex - 11, eye_y + 4, ex + 11, eye_y + 17), 20, 160, fill=ink, width=5)
+      draw.line((ex + side * 11, eye_y - 4, ex + side * 17, eye_y - 8), fill=ink, width=3)
+      draw.line((ex + side * 11, eye_y + 3, ex + side * 17, eye_y + 6), fill=ink, width=3)
+      draw.line((fx + side * 12, eye_y + 24, fx + side * (mw + 9), mouth_y + 6), fill=ink, width=5)
+
+  if hair:  # A cap of hair over the skull.
+    draw.chord((cx - rx - 4, cy - ry - 8, cx + rx + 4, cy), 180, 360, hair)
+    if style == 'quiff':
+      draw.ellipse((cx - 34, cy - ry - 20, cx + 18, cy - ry + 14), fill=hair)
+    elif style == 'curly':
+      for k in range(-3, 4):
+        x, y = cx + k * rx / 3.5, cy - ry + abs(k) * 6
+        draw.ellipse((x - 12, y - 14, x + 12, y + 10), fill=hair)
+  if a['Bangs'] and hair:  # A fringe over the forehead.
+    draw.chord((cx - rx + 2, cy - ry - 2, cx + rx - 2, cy - ry * 0.2), 180, 360, hair)
+    draw.rectangle((cx - rx * 0.82, cy - ry * 0.6, cx + rx * 0.82, eye_y - 10), fill=hair)
+
+  brow = 5 if a['Male'] else 3
   for side in (-1, 1):
-    ex = cx + side * eye_dx
-    draw.ellipse((ex - 8, eye_y - 5, ex + 8, eye_y + 5), fill=(255, 255, 255))
-    draw.ellipse((ex - 4, eye_y - 4, ex + 4, eye_y + 4), fill=(40, 30, 30))
-    draw.line((ex - 10, eye_y - 13, ex + 10, eye_y - 13), fill=_INK, width=3)
+    ex = fx + side * gap
+    draw.ellipse((ex - 9 * size, eye_y - 5 * size, ex + 9 * size, eye_y + 5 * size), (250,) * 3)
+    draw.ellipse((ex - 4.5, eye_y - 4.5, ex + 4.5, eye_y + 4.5), fill=p['iris'])
+    draw.ellipse((ex - 2, eye_y - 2, ex + 2, eye_y + 2), fill=(10, 10, 10))
+    brow_colour = hair if hair and hair_name != 'Gray_Hair' else ink
+    draw.line((ex - 11, eye_y - 13, ex + 11, eye_y - 14), fill=brow_colour, width=brow)
+  nose_w, nose_l = p['nose']
   draw.polygon(
-    ((cx, eye_y + 4), (cx - 6, cy + 18), (cx + 6, cy + 18)),
-    fill=tuple(max(c - 35, 0) for c in skin),
+    ((fx, eye_y + 2), (fx - nose_w, eye_y + nose_l), (fx + nose_w, eye_y + nose_l)), shade
   )
 
-  mouth_y = cy + 36
-  if a['Smiling']:  # Open smile with teeth.
-    draw.chord((cx - 24, mouth_y - 14, cx + 24, mouth_y + 16), 0, 180, fill=(150, 20, 30))
-    draw.rectangle((cx - 16, mouth_y + 1, cx + 16, mouth_y + 5), fill=(255, 255, 255))
+  lips = (
+    _LIPSTICK
+    if a['Wearing_Lipstick']
+    else tuple(int(c * 0.8) + 30 for c in skin[:1]) + tuple(int(c * 0.62) for c in skin[1:])
+  )
+  lip = 8 if a['Wearing_Lipstick'] else 5
+  if a['Smiling'] and a['Mouth_Slightly_Open']:  # Open smile with teeth.
+    draw.chord((fx - mw - 6, mouth_y - 12, fx + mw + 6, mouth_y + 16), 0, 180, fill=lips)
+    draw.chord((fx - mw, mouth_y - 6, fx + mw, mouth_y + 11), 0, 180, fill=_MOUTH)
+    draw.rectangle((fx - mw + 4, mouth_y + 1, fx + mw - 4, mouth_y + 5), fill=_TEETH)
+  elif a['Smiling']:  # Closed smile: lips curve up at the corners.
+    draw.arc((fx - mw - 8, mouth_y - 18, fx + mw + 8, mouth_y + 9), 15, 165, lips, lip + 3)
+  elif a['Mouth_Slightly_Open']:  # Parted lips.
+    draw.ellipse((fx - mw + 2, mouth_y - 5 - lip / 2, fx + mw - 2, mouth_y + 5 + lip / 2), lips)
+    draw.ellipse((fx - mw + 6, mouth_y - 3, fx + mw - 6, mouth_y + 3), fill=_MOUTH)
   else:
-    draw.line((cx - 16, mouth_y + 2, cx + 16, mouth_y + 2), fill=(150, 40, 50), width=5)
+    draw.line((fx - mw, mouth_y, fx + mw, mouth_y), fill=lips, width=lip + 1)
+
+  beard = _HAIR[hair_name] if hair_name and not a['Bald'] else _HAIR['Brown_Hair']
   if a['Mustache']:
-    draw.rounded_rectangle((cx - 26, mouth_y - 16, cx + 26, mouth_y - 5), radius=5, fill=_INK)
-  if not a['Young']:  # Wrinkles: forehead, under the eyes, nose to mouth.
-    for dy in (-44, -34):
-      draw.line((cx - 26, cy + dy, cx + 26, cy + dy), fill=_INK, width=4)
+    draw.rounded_rectangle((fx - mw - 6, mouth_y - 17, fx + mw + 6, mouth_y - 7), 4, beard)
+  if a['Goatee']:
+    draw.rounded_rectangle((fx - 15, mouth_y + 8, fx + 15, cy + ry + 2), 7, beard)
+  if a['Eyeglasses']:
     for side in (-1, 1):
-      ex = cx + side * eye_dx
-      draw.arc((ex - 12, eye_y + 6, ex + 12, eye_y + 22), 20, 160, fill=_INK, width=4)
-      draw.line((cx + side * 14, cy + 12, cx + side * 30, cy + 34), fill=_INK, width=4)
-  if a['Bangs']:  # A fringe of hair over the forehead.
-    fringe = (cx - rx + 4, cy - ry - 6, cx + rx - 4, eye_y - 18)
-    _draw_hair(draw, fringe, a['Black_Hair'], a['Blond_Hair'], cx)
-  if a['Eyeglasses']:  # Big round frames and a bridge.
-    for side in (-1, 1):
-      ex = cx + side * eye_dx
-      draw.ellipse((ex - 16, eye_y - 14, ex + 16, eye_y + 14), outline=_FRAME, width=5)
-    draw.line((cx - eye_dx + 16, eye_y, cx + eye_dx - 16, eye_y), fill=_FRAME, width=5)
-  if a['Wearing_Hat']:  # Crown and brim above the forehead.
-    brim_y = cy - ry + 8
-    draw.rectangle((cx - rx + 6, brim_y - 50, cx + rx - 6, brim_y - 6), fill=_HAT)
-    draw.rectangle((cx - rx - 22, brim_y - 10, cx + rx + 22, brim_y + 2), fill=_HAT)
+      ex = fx + side * gap
+      box = (ex - 15, eye_y - 12, ex + 15, eye_y + 12)
+      if p['glasses']:
+        draw.rectangle(box, outline=_FRAME, width=5)
+      else:
+        draw.ellipse(box, outline=_FRAME, width=5)
+    draw.line((fx - gap + 15, eye_y - 2, fx + gap - 15, eye_y - 2), fill=_FRAME, width=5)
+  if a['Wearing_Hat']:  # Crown and brim over the top of the head.
+    brim = cy - ry * 0.62
+    draw.rounded_rectangle((cx - rx * 0.9, brim - 52, cx + rx * 0.9, brim), 10, p['hat'])
+    draw.rectangle((cx - rx - 20, brim - 8, cx + rx + 20, brim + 4), fill=p['hat'])
   return np.asarray(image)
 
 
-def _draw_hair(draw, box, black: bool, blond: bool, cx: int):
-  """Fills `box` with hair: black, blond, two-tone if both, else brown."""
-  left = _BLACK if black else _BLOND if blond else _BROWN
-  right = _BLOND if blond else left
-  draw.rounded_rectangle(box, radius=30, fill=left)
-  if right != left:
-    draw.rounded_rectangle((cx, box[1], box[2], box[3]), radius=30, fill=right)
-
-
 def sample_attributes(rng: np.random.Generator) -> dict[str, bool]:
-  """Samples each rendered attribute independently."""
-  return {name: bool(rng.random() < _PROBABILITY[name]) for name in RENDERED_ATTRIBUTES}
+  """Samples one CelebA-like attribute combination (rates in the module docstring)."""
+  r = rng.random
+  male = r() < 0.42
+  young = r() < (0.65 if male else 0.86)
+  bald = male and r() < (0.02 if young else 0.12)
+  gray = not bald and r() < (0.005 if young else 0.17)
+  colour = 'Gray_Hair' if gray else None
+  if not bald and not gray:  # Black:Brown:Blond given sex, about 40:35:25 overall.
+    weights = (0.48, 0.12, 0.40) if male else (0.33, 0.32, 0.35)
+    colour = HAIR_COLOURS[rng.choice(3, p=weights)]
+  mustache = male and r() < 0.10
+  goatee = male and r() < (0.5 if mustache else 0.10)
+  smiling = r() < 0.48
+  eyeglasses = r() < {(1, 1): 0.07, (1, 0): 0.20, (0, 1): 0.02, (0, 0): 0.07}[(male, young)]
+  a = dict(
+    Male=male,
+    Young=young,
+    Bald=bald,
+    **{c: c == colour for c in HAIR_COLOURS},
+    Bangs=not bald and r() < (0.06 if male else 0.22),
+    Mustache=mustache,
+    Goatee=goatee,
+    No_Beard=not (mustache or goatee),
+    Smiling=smiling,
+    Mouth_Slightly_Open=r() < (0.70 if smiling else 0.27),
+    Wearing_Lipstick=r() < (0.005 if male else 0.80),
+    Pale_Skin=r() < (0.012 if male else 0.065),
+    Eyeglasses=eyeglasses,
+    Wearing_Hat=r() < (0.06 if male else 0.04),
+  )
+  return a
 
 
 def write_synthetic_celeba(out_dir: str, num: int, seed: int = 0, layout: str = 'official') -> None:

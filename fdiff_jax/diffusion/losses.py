@@ -77,17 +77,28 @@ def min_snr_weight(snr: jax.Array, gamma: float, prediction: str) -> jax.Array:
 
 
 def drop_condition(
-  rng: jax.Array, attributes: jax.Array | None, p_uncond: float, p_attr_drop: float
+  rng: jax.Array,
+  attributes: jax.Array | None,
+  p_uncond: float,
+  p_attr_drop: float,
+  p_partial: float = 0.0,
 ) -> jax.Array | None:
-  """Zeroes whole attribute rows w.p. p_uncond and, independently, single attributes w.p.
+  """Zeroes attributes so the model learns the unconditional and partial inputs CFG uses.
 
-  p_attr_drop, so the model learns the unconditional and partially specified inputs CFG uses.
+  Whole rows are zeroed w.p. p_uncond; single attributes w.p. p_attr_drop; and in a
+  p_partial fraction of rows each attribute is kept only w.p. u ~ Uniform(0, 1) drawn per
+  row, so prompts naming one, two or three attributes are seen in training too.
   """
   if attributes is None:
     return None
   row_rng, attr_rng = jax.random.split(rng)
-  keep_row = jax.random.bernoulli(row_rng, 1.0 - p_uncond, (attributes.shape[0], 1))
+  partial_rng, rate_rng, subset_rng = jax.random.split(jax.random.fold_in(rng, 1), 3)
+  rows = (attributes.shape[0], 1)
+  keep_row = jax.random.bernoulli(row_rng, 1.0 - p_uncond, rows)
   keep_attr = jax.random.bernoulli(attr_rng, 1.0 - p_attr_drop, attributes.shape)
+  partial = jax.random.bernoulli(partial_rng, p_partial, rows)
+  keep_rate = jnp.where(partial, jax.random.uniform(rate_rng, rows), 1.0)
+  keep_attr &= jax.random.uniform(subset_rng, attributes.shape) < keep_rate
   return jnp.where(keep_row & keep_attr, attributes, 0)
 
 
@@ -102,13 +113,14 @@ def diffusion_loss(
   min_snr_gamma: float = 0.0,
   p_uncond: float = 0.1,
   p_attr_drop: float = 0.0,
+  p_partial: float = 0.0,
 ) -> jax.Array:
   """Batch-mean MSE to the eps/v target at uniformly random t, min-SNR weighted if gamma > 0."""
   t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
   t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps, jnp.int32)
   noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
   x_t = q_sample(schedule, x0, t, noise)
-  output = model_fn(x_t, t, drop_condition(drop_rng, attributes, p_uncond, p_attr_drop))
+  output = model_fn(x_t, t, drop_condition(drop_rng, attributes, p_uncond, p_attr_drop, p_partial))
   target = training_target(schedule, x0, t, noise, prediction)
   error = jnp.square(output.astype(jnp.float32) - target)
   per_example_loss = jnp.mean(error, axis=tuple(range(1, x0.ndim)))
