@@ -1,7 +1,9 @@
 """A workdir on disk: the saved config, orbax checkpoints, and restoring them.
 
 A workdir is self-describing: `config.json` sits next to `checkpoints/`, so
-later commands need only `--workdir`.
+later commands need only `--workdir`. An exported model (`fdiff export`) is a
+workdir with `config.json` and `ema_params.msgpack` only: the EMA parameters
+and their step, no optimizer state; every sampling command loads it alike.
 """
 
 import dataclasses
@@ -10,8 +12,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import flax.serialization
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -22,6 +26,7 @@ from fdiff_jax.models import UNet, build_model
 from fdiff_jax.train_state import initial_state, make_optimizer
 
 CONFIG_FILE = 'config.json'
+EXPORT_FILE = 'ema_params.msgpack'
 
 
 def save_config(workdir, config):
@@ -114,5 +119,42 @@ def load_model(workdir: str, step: int | None = None) -> LoadedModel:
   config = load_config(workdir)
   model = build_model(config.model, len(pipeline.attribute_names(config)))
   init_fn = functools.partial(initial_state, config, model, make_optimizer(config.train))
+  if os.path.isfile(os.path.join(workdir, EXPORT_FILE)):
+    return _load_export(workdir, config, model, jax.eval_shape(init_fn).ema_params, step)
   state = load_state(workdir, init_fn, step)
   return LoadedModel(config, model, state.ema_params, int(state.step))
+
+
+def export_model(workdir: str, out_dir: str, step: int | None = None) -> LoadedModel:
+  """Writes `out_dir`: the workdir's config and EMA parameters at `step`, nothing else."""
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise UserError(f'{out_dir} already exists; export to a new (or empty) folder')
+  loaded = load_model(workdir, step)
+  payload = {'step': loaded.step, 'ema_params': jax.device_get(loaded.params)}
+  save_config(out_dir, loaded.config)
+  images.write_atomically(
+    os.path.join(out_dir, EXPORT_FILE),
+    lambda f: f.write(flax.serialization.msgpack_serialize(payload)),
+  )
+  return loaded
+
+
+def _load_export(workdir, config, model, abstract_params, step):
+  path = os.path.join(workdir, EXPORT_FILE)
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    payload = flax.serialization.msgpack_restore(data)
+    saved_step, params = int(payload['step']), payload['ema_params']
+    ok = jax.tree.structure(params) == jax.tree.structure(abstract_params) and all(
+      np.shape(a) == b.shape
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(abstract_params))
+    )
+  except Exception as e:  # msgpack raises several kinds on damaged bytes.
+    raise UserError(f'{path} is damaged ({type(e).__name__}); export it again') from None
+  if not ok:
+    raise UserError(f'{path} does not hold parameters of the model its config.json describes')
+  if step is not None and step != saved_step:
+    raise UserError(f'{workdir} holds an exported model of step {saved_step} only, not {step}')
+  params = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), params, abstract_params)
+  return LoadedModel(config, model, params, saved_step)

@@ -267,6 +267,13 @@ def cmd_edit(args):
   _write(edited[:, None], 'edit', None, args.out_dir, args.scale)
 
 
+def cmd_export(args):
+  from fdiff_jax import checkpoints
+
+  loaded = checkpoints.export_model(args.workdir, args.out, args.checkpoint_step)
+  print(f'wrote {args.out}: config and EMA parameters of step {loaded.step}')
+
+
 def _add_generation_flags(p):
   """Flags shared by sample, interpolate and edit."""
   p.add_argument('--workdir', required=True, help='training workdir (config + checkpoints)')
@@ -394,6 +401,12 @@ def build_parser():
   p.add_argument('--no-fid', action='store_true', help='skip FID (no Inception weights needed)')
   p.add_argument('--batch-size', type=int, default=256, help='images per compiled batch')
   p.set_defaults(func=cmd_evaluate)
+
+  p = commands.add_parser('export', help='write a workdir with the config and EMA parameters only')
+  p.add_argument('--workdir', required=True, help='training workdir (config + checkpoints)')
+  p.add_argument('--out', required=True, help='new folder; use it as --workdir of any sampler')
+  p.add_argument('--checkpoint-step', type=int, help='checkpoint to export (default: latest)')
+  p.set_defaults(func=cmd_export)
 
   data = commands.add_parser('data', help='dataset tools').add_subparsers(
     dest='data_command', required=True

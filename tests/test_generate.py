@@ -450,3 +450,31 @@ def test_inversion_stops_before_the_near_singular_end_of_the_schedule():
     assert start == expected
     assert alpha_bars[start] >= sampler_lib.MIN_INVERSION_ALPHA_BAR > alpha_bars[start + 1]
     assert len(sampler_lib.config_schedule(config, start).alpha_bars) == start + 1
+
+
+def test_exported_model_samples_like_its_workdir_and_damage_is_one_line(workdir, tmp_path, capsys):
+  out = tmp_path / 'exported'
+  assert cli.main(['export', '--workdir', workdir, '--out', str(out)]) == 0
+  assert sorted(os.listdir(out)) == ['config.json', 'ema_params.msgpack']  # No optimizer state.
+  source, exported = checkpoints.load_model(workdir), checkpoints.load_model(str(out))
+  assert exported.step == source.step == 300
+  jax.tree.map(np.testing.assert_array_equal, exported.params, source.params)
+  common = ['sample', '--attributes', 'Smiling', '--num', '2', '--sampler', 'ddim', '--steps', '4']
+  for name, model_dir in (('a.png', workdir), ('b.png', str(out))):
+    assert cli.main(common + ['--workdir', model_dir, '--out', str(tmp_path / name)]) == 0
+  a, b = (np.asarray(Image.open(tmp_path / name)) for name in ('a.png', 'b.png'))
+  np.testing.assert_array_equal(a, b)
+
+  capsys.readouterr()
+  assert cli.main(['export', '--workdir', workdir, '--out', str(out)]) == 2  # Exists.
+  assert 'already exists' in capsys.readouterr().err
+  assert (
+    cli.main(common + ['--workdir', str(out), '--checkpoint-step', '100', '--out', 'x.png']) == 2
+  )
+  assert 'step 300 only' in capsys.readouterr().err
+  params = out / 'ema_params.msgpack'
+  params.write_bytes(params.read_bytes()[:1000])  # Truncated.
+  assert cli.main(common + ['--workdir', str(out), '--out', str(tmp_path / 'c.png')]) == 2
+  err = capsys.readouterr().err
+  assert 'is damaged' in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / 'c.png').exists()
