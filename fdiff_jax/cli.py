@@ -97,6 +97,8 @@ def cmd_evaluate(args):
     inception_weights=args.inception_weights,
     compute_fid=not args.no_fid,
     batch_size=args.batch_size,
+    interp_strips=args.interp_strips,
+    interp_frames=args.interp_frames,
   )
   print(evaluate.markdown_table(report), end='')
   print(f'wrote report.json, report.md and report.png to {report["out_dir"]}')
@@ -400,6 +402,13 @@ def build_parser():
   )
   p.add_argument('--no-fid', action='store_true', help='skip FID (no Inception weights needed)')
   p.add_argument('--batch-size', type=int, default=256, help='images per compiled batch')
+  p.add_argument(
+    '--interp-strips',
+    type=int,
+    default=8,
+    help='interpolation strips per run and guidance, one attribute each (0 skips them)',
+  )
+  p.add_argument('--interp-frames', type=int, default=8, help='frames per interpolation strip')
   p.set_defaults(func=cmd_evaluate)
 
   p = commands.add_parser('export', help='write a workdir with the config and EMA parameters only')

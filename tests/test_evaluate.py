@@ -1,4 +1,5 @@
-"""`fdiff evaluate` on tiny conditional and unconditional workdirs: a complete report and plot."""
+"""`fdiff evaluate`: its metric functions on hand-made arrays, and a complete report and plot
+on tiny conditional and unconditional workdirs."""
 
 import json
 import math
@@ -10,7 +11,7 @@ from PIL import Image
 from test_inception import random_state_dict
 
 from configs import test as test_config
-from fdiff_jax import cli, train
+from fdiff_jax import cli, evaluate, train
 from fdiff_jax.data.synth_celeba import RENDERED_ATTRIBUTES, write_synthetic_celeba
 from fdiff_jax.metrics import inception
 
@@ -21,8 +22,92 @@ ROW_FIELDS = {
   'classifier_fd',
   'attribute_accuracy',
   'single_attribute_accuracy',
+  'joint_accuracy',
+  'unspecified_attributes',
+  'interpolation',
   'wall_time_s',
 }
+NAMES = ('Male', 'Mustache', 'Smiling', 'Bald')
+INFORMATIVE = np.array([True, True, True, False])  # Bald never varies: never scored.
+
+
+def test_joint_accuracy_counts_samples_with_every_specified_attribute_read_back():
+  vectors = np.array([[1, -1, 0, 0], [1, -1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0]], np.float32)
+  predicted = np.array([[1, -1, 1, 1], [1, 1, -1, -1], [-1, 1, 1, -1], [1, 1, 1, 1]], np.float32)
+  assert evaluate.joint_accuracy(predicted, vectors, INFORMATIVE) == 0.75  # Row 1 misses one.
+  # A non-informative attribute is not scored; a row with nothing scored does not count.
+  vectors = np.concatenate([vectors, [[0, 0, 0, 1]]])
+  vectors[0, 3] = -1  # Read as +1, but Bald is not scored.
+  predicted = np.concatenate([predicted, [[-1, -1, -1, -1]]])
+  assert evaluate.joint_accuracy(predicted, vectors, INFORMATIVE) == 0.75
+  assert evaluate.joint_accuracy(predicted[4:], vectors[4:], INFORMATIVE) is None
+
+
+def test_joint_ceiling_averages_over_prompts_the_accuracy_on_matching_real_images():
+  targets = np.array([[1, 1, -1, -1], [1, 1, 1, -1], [-1, -1, 1, -1], [-1, -1, -1, -1]])
+  predicted = np.array([[1, 1, -1, -1], [1, -1, 1, -1], [-1, -1, 1, -1], [1, -1, -1, -1]])
+  prompts = np.array([[1, 1, 0, 0], [0, -1, 0, 0]], np.float32)
+  # Male,Mustache matches rows 0 and 1 (1 of 2 read right); -Mustache rows 2 and 3 (2 of 2).
+  assert evaluate.joint_ceiling(predicted, targets, prompts, INFORMATIVE) == 0.75
+
+
+def test_unspecified_rates_compare_samples_with_the_training_conditional():
+  # Training labels: 3 images with a mustache, 2 of them male: P(Male | Mustache) = 2/3.
+  labels = np.array(
+    [[1, 1, 1, -1], [1, 1, -1, -1], [-1, 1, -1, -1], [-1, -1, 1, -1], [1, -1, 1, -1]], np.float32
+  )
+  vectors = np.tile([[0, 1, 0, 0]], (4, 1)).astype(np.float32)  # Prompt "Mustache", 4 samples.
+  predicted = np.array([[1, 1, 1, 1], [-1, 1, 1, 1], [-1, 1, 1, 1], [-1, 1, -1, 1]], np.float32)
+  result = evaluate.unspecified_rates(predicted, vectors, labels, INFORMATIVE, NAMES, 3)
+  prompt = result['prompts']['Mustache']
+  assert prompt['train_support'] == 3 and prompt['samples'] == 4
+  assert set(prompt['rates']) == {'Male', 'Smiling'}  # Unspecified and informative only.
+  assert np.isclose(prompt['rates']['Male']['train'], 2 / 3)
+  assert prompt['rates']['Male']['sampled'] == 0.25
+  assert np.isclose(prompt['rates']['Smiling']['train'], 1 / 3)
+  assert prompt['rates']['Smiling']['sampled'] == 0.75
+  gap = (abs(0.25 - 2 / 3) + abs(0.75 - 1 / 3)) / 2
+  assert np.isclose(prompt['mean_abs_gap'], gap) and np.isclose(result['mean_abs_gap'], gap)
+  # A second prompt, "-Male,Smiling" (one training match), is skipped, not reported as noise.
+  vectors = np.concatenate([vectors, [[-1, 0, 1, 0]]])
+  predicted = np.concatenate([predicted, [[-1, 1, 1, 1]]])
+  result = evaluate.unspecified_rates(predicted, vectors, labels, INFORMATIVE, NAMES, 3)
+  assert list(result['prompts']) == ['Mustache'] and result['skipped_prompts'] == 1
+  assert np.isclose(result['mean_abs_gap'], gap) and result['min_train_support'] == 3
+  skipped = evaluate.unspecified_rates(predicted, vectors, labels, INFORMATIVE, NAMES, 4)
+  assert skipped['mean_abs_gap'] is None and skipped['skipped_prompts'] == 2
+
+
+def test_interpolation_metrics_on_hand_made_readings():
+  # Two strips of three frames; strip 0 moves Male, strip 1 moves Smiling.
+  readings = np.array(
+    [
+      [[-1, -1, 1, 1], [1, -1, 1, -1], [1, 1, 1, 1]],  # Mustache changes at frame 2.
+      [[1, 1, -1, 1], [1, 1, 1, -1], [1, 1, -1, -1]],  # Only Smiling and unscored Bald change.
+    ],
+    np.float32,
+  )
+  assert evaluate.identity_kept(readings, [0, 2], INFORMATIVE) == 0.75  # 3 of 4 later frames.
+  strips = np.array([[-1, -1, 1, 1], [-1, 1, -1, 1], [1, 1, 1, 1], [-1, -1, -1, -1]])
+  assert evaluate.single_flip(strips) == 0.25  # Only the first: absent, then present, once.
+
+
+def test_combined_prompts_are_real_combinations_of_informative_attributes():
+  rng = np.random.default_rng(0)
+  labels = np.where(rng.random((50, 6)) < 0.2, 1, -1).astype(np.float32)  # Mostly absent.
+  informative = np.array([True, True, False, True, True, True])
+  for size in (2, 3):
+    prompts = evaluate.combined_prompts(labels, informative, size, 40, seed=1)
+    assert prompts.shape == (40, 6) and ((prompts != 0).sum(1) == size).all()
+    assert not prompts[:, 2].any()  # Only informative attributes are picked.
+    assert all(evaluate.matching(labels, p).any() for p in prompts)  # Occur in the data.
+    assert (prompts > 0).any() and (prompts < 0).any()
+    np.testing.assert_array_equal(
+      prompts, evaluate.combined_prompts(labels, informative, size, 40, seed=1)
+    )
+  assert evaluate.combined_prompts(labels, informative, 6, 4, seed=1) is None
+  strips = evaluate.strip_attributes(informative, 7, seed=0)
+  assert sorted(strips[:5]) == [0, 1, 3, 4, 5] and list(strips[5:]) == list(strips[:2])
 
 
 @pytest.fixture(scope='module')
@@ -56,7 +141,7 @@ def setup(tmp_path_factory):
   return root, weights
 
 
-def run_evaluate(root, out, *extra, runs=('cond', 'uncond'), guidance='0,2'):
+def run_evaluate(root, out, *extra, runs=('cond', 'uncond'), guidance='0,2', strips=2):
   workdirs = [arg for name in runs for arg in ('--workdir', str(root / name))]
   return cli.main(
     [
@@ -76,9 +161,26 @@ def run_evaluate(root, out, *extra, runs=('cond', 'uncond'), guidance='0,2'):
       '8',
       '--out-dir',
       str(out),
+      '--interp-strips',
+      str(strips),
+      '--interp-frames',
+      '3',
       *extra,
     ]
   )
+
+
+def train_labels_from_files(files):
+  """{name: [N] +-1} of the training partition, parsed from the official CelebA text files."""
+  with open(files / 'list_eval_partition.txt') as f:
+    train = {line.split()[0] for line in f if line.split()[1] == '0'}
+  with open(files / 'list_attr_celeba.txt') as f:
+    lines = f.read().splitlines()
+  names = lines[1].split()
+  rows = np.array(
+    [[int(v) for v in line.split()[1:]] for line in lines[2:] if line.split()[0] in train]
+  )
+  return dict(zip(names, rows.T))
 
 
 def finite_numbers(tree):
@@ -106,14 +208,40 @@ def test_report_is_complete_with_fid_and_plot(setup, capsys):
       assert 0 <= row['attribute_accuracy']['mean'] <= 1
       assert set(row['single_attribute_accuracy']['per_attribute']) == set(run['scored_attributes'])
       assert finite_numbers(row)
+  for row in uncond['results']:  # Composition metrics do not apply to the baseline.
+    assert row['joint_accuracy'] is row['unspecified_attributes'] is row['interpolation'] is None
+  assert uncond['joint_ceiling'] is None
+  assert all(0 <= cond['joint_ceiling'][k] <= 1 for k in ('2', '3'))
+  labels = train_labels_from_files(root / 'files')
+  for row in cond['results']:
+    assert all(0 <= row['joint_accuracy'][k] <= 1 for k in ('2', '3'))
+    unspecified = row['unspecified_attributes']
+    assert unspecified['min_train_support'] == 100 == report['settings']['min_train_support']
+    assert unspecified['num_prompts'] > 0 and unspecified['skipped_prompts'] > 0  # 160 in train.
+    for text, prompt in unspecified['prompts'].items():  # Against the label files themselves.
+      specified = [(item.lstrip('-'), -1 if item[0] == '-' else 1) for item in text.split(',')]
+      match = np.all([labels[name] == value for name, value in specified], axis=0)
+      assert prompt['train_support'] == match.sum() >= 100
+      for name, rates in prompt['rates'].items():
+        assert name in cond['scored_attributes'] and name not in dict(specified)
+        assert np.isclose(rates['train'], (labels[name][match] > 0).mean())
+        assert 0 <= rates['sampled'] <= 1
+    strips = row['interpolation']
+    assert strips['strips'] == 2 and strips['frames'] == 3
+    assert set(strips['attributes']) <= set(cond['scored_attributes'])
+    assert strips['identity_kept'] * 4 in range(5)  # 2 strips x 2 frames after the first.
+    assert strips['single_flip'] * 2 in range(3)
   table = (root / 'out' / 'report.md').read_text()
-  assert table.count('\n| cond |') == 2 and table.count('\n| uncond |') == 1
+  assert table.count('\n| cond |') == 4 and table.count('\n| uncond |') == 1  # Two tables.
+  assert 'at least 100 training images' in table
   assert '| uncond. | 8 |' in table
   assert table in capsys.readouterr().out
   plot = Image.open(root / 'out' / 'report.png')
-  assert plot.width == 3 * 480 and len(np.unique(np.asarray(plot).reshape(-1, 3), axis=0)) > 3
+  assert plot.width == 4 * 480 and len(np.unique(np.asarray(plot).reshape(-1, 3), axis=0)) > 3
   assert os.path.getsize(root / 'out' / 'samples' / 'cond_w2.png') > 0
-  assert len(os.listdir(root / 'cond' / 'eval_cache')) == 2  # Classifier and Inception references.
+  assert Image.open(root / 'out' / 'samples' / 'cond_w2_interp.png').size[0] > 0
+  # Classifier and Inception references and the training labels.
+  assert len(os.listdir(root / 'cond' / 'eval_cache')) == 3
 
 
 def test_without_weights_reports_offline_metrics_and_how_to_get_them(
@@ -128,7 +256,7 @@ def test_without_weights_reports_offline_metrics_and_how_to_get_them(
   rows = [row for run in report['runs'] for row in run['results']]
   assert all(row['fid'] is None and math.isfinite(row['classifier_fd']) for row in rows)
   assert inception.WEIGHTS_SHA256 in capsys.readouterr().out
-  assert Image.open(tmp_path / 'out' / 'report.png').width == 2 * 480
+  assert Image.open(tmp_path / 'out' / 'report.png').width == 3 * 480
 
 
 def test_explicit_inception_weights_that_cannot_load_are_a_one_line_error(setup, tmp_path, capsys):
@@ -175,3 +303,19 @@ def test_classifier_of_another_dataset_is_a_one_line_error(setup, tmp_path, caps
   )
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'celeba model' in err[0] and 'trained on digits' in err[0]
+
+
+@pytest.mark.parametrize(
+  'flags, message',
+  [
+    (('--interp-frames', '1'), '--interp-frames >= 2'),
+    (('--interp-strips', '-1'), '--interp-strips >= 0'),
+    (('--sampler', 'ddpm'), 'deterministic sampler'),
+  ],
+)
+def test_bad_interpolation_flags_are_a_one_line_error(tmp_path, capsys, flags, message):
+  argv = ['evaluate', '--workdir', str(tmp_path / 'w'), '--classifier', str(tmp_path / 'c')]
+  assert cli.main([*argv, '--out-dir', str(tmp_path / 'out'), *flags]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0]
+  assert not (tmp_path / 'out').exists()
