@@ -84,6 +84,7 @@ def cmd_train_classifier(args, overrides):
 
 def cmd_evaluate(args):
   from fdiff_jax import evaluate, generate
+  from fdiff_jax.metrics import report as report_lib
 
   report = evaluate.evaluate(
     args.workdir,
@@ -100,7 +101,7 @@ def cmd_evaluate(args):
     interp_strips=args.interp_strips,
     interp_frames=args.interp_frames,
   )
-  print(evaluate.markdown_table(report), end='')
+  print(report_lib.markdown_table(report), end='')
   print(f'wrote report.json, report.md and report.png to {report["out_dir"]}')
 
 

@@ -1,39 +1,29 @@
-"""`fdiff evaluate`: FID, classifier Frechet distance and attribute control vs guidance.
+"""`fdiff evaluate`: sampling, cached real-data references and the evaluation loop.
 
 For every workdir and guidance scale it samples N images conditioned on
 attribute vectors of real validation images (realistic combinations), N on
-single-attribute prompts ("Smiling", "-Male", ...; only that attribute is
-specified) and N on each of 2- and 3-attribute prompts (attributes picked
-from the vectors of real training images, so the combinations occur in the
-training data), then reports:
-  * FID (FID Inception pool features) and the classifier Frechet distance
-    (the attribute classifier's penultimate features) of the realistic
-    samples against the whole validation split, both uint8 round-tripped;
-  * attribute-control accuracy: how often the classifier reads back each
-    specified attribute, with its accuracy on real validation images as the
-    ceiling;
-  * joint accuracy of the 2- and 3-attribute prompts: the fraction of samples
-    with every specified attribute read back, with the classifier's joint
-    accuracy on validation images matching each prompt as the ceiling;
-  * unspecified attributes against the data: per single or combined prompt,
-    the rate of each unspecified attribute in the samples against its rate in
-    the training images that match the prompt (P(Male | Mustache)), and the
-    mean absolute gap; prompts matched by too few training images are skipped;
-  * interpolation: strips made by `generate.interpolate` (as `fdiff
-    interpolate`) moving one attribute from absent to present, the rest
-    unspecified: the fraction of frames whose other attributes read as in the
-    first frame, and of strips whose moved attribute changes reading once;
-  * sample count and wall time.
+single-attribute prompts and N on each of 2- and 3-attribute prompts, plus
+interpolation strips made by `generate.interpolate` (as `fdiff interpolate`),
+reads them back with the attribute classifier, and reports per row: FID (FID
+Inception pool features) and the classifier Frechet distance (its
+penultimate features) of the realistic samples against the whole validation
+split, both uint8 round-tripped; attribute-control accuracy, with the
+classifier's accuracy on real validation images as the ceiling; the joint,
+unspecified-attribute and interpolation metrics; sample count and wall time.
+Real-data references (feature statistics, classifier readings, training
+labels) are computed once and cached in WORKDIR/eval_cache.
 An unconditional workdir ignores attributes and guidance: it is sampled once
 and reported with guidance null, the baseline the conditional runs beat; the
 joint, unspecified and interpolation metrics are null for it, and for one-hot
 datasets (digits), where an image has one class and nothing to combine.
-Writes report.json, report.md and report.png.
+
+The prompts and what each attribute-control metric means:
+`fdiff_jax.metrics.attribute_control`. Writing report.json, report.md and
+report.png: `fdiff_jax.metrics.report`.
 """
 
 import dataclasses
 import hashlib
-import json
 import os
 import time
 
@@ -43,14 +33,14 @@ from absl import logging
 from fdiff_jax import checkpoints, generate, images
 from fdiff_jax import classifier as classifier_lib
 from fdiff_jax.batching import map_batches
-from fdiff_jax.data import attributes as attributes_lib
 from fdiff_jax.data import pipeline, sources
 from fdiff_jax.errors import UserError
-from fdiff_jax.metrics import fid, inception, plot
+from fdiff_jax.metrics import attribute_control as control
+from fdiff_jax.metrics import fid, inception
+from fdiff_jax.metrics import report as report_lib
 from fdiff_jax.sampler import Sampler
 
 CACHE_DIR = 'eval_cache'
-COMBINED_SIZES = (2, 3)  # Attributes per combined prompt.
 
 
 def uint8_round_trip(x):
@@ -121,158 +111,6 @@ def inception_reference(workdir, config, feature_fn, weights_id, batch_size):
     return {'mu': mu, 'sigma': sigma, 'count': np.int64(stats.count)}
 
   return cached(_cache_path(workdir, 'inception', key), key, compute)
-
-
-def informative_attributes(targets, one_hot):
-  """Attributes scored for control: present in some and absent in other validation images."""
-  if one_hot:
-    return (targets > 0).any(0)
-  return (targets > 0).any(0) & (targets < 0).any(0)
-
-
-def conditioning(targets, names, informative, one_hot, num_samples, seed):
-  """(realistic vectors [N, A] of random validation images, single-attribute prompt vectors).
-
-  Every prompt gets ceil(N / prompts) samples, so each attribute is scored.
-  """
-  rng = np.random.default_rng(seed)
-  realistic = targets[rng.choice(len(targets), num_samples, replace=len(targets) < num_samples)]
-  prompts = [
-    p
-    for i, name in enumerate(names)
-    if informative[i]
-    for p in ((name,) if one_hot else (name, f'-{name}'))
-  ]
-  single = np.stack([attributes_lib.parse_attributes(p, names) for p in prompts])
-  return realistic.astype(np.float32), _repeat(single, num_samples)
-
-
-def _repeat(prompts, num_samples):
-  """Each prompt ceil(N / prompts) times, in order."""
-  return np.repeat(prompts, -(-num_samples // len(prompts)), axis=0)
-
-
-def combined_prompts(labels, informative, size, num_prompts, seed):
-  """[num_prompts, A]: `size` informative attributes of random rows of `labels`, the rest 0.
-
-  Each prompt keeps the values of one real vector, so the combination occurs in `labels`.
-  A vector's present and absent attributes are equally likely to be picked (CelebA's
-  vectors are mostly absences). None if fewer than `size` attributes are informative.
-  """
-  candidates = np.flatnonzero(informative)
-  if len(candidates) < size:
-    return None
-  rng = np.random.default_rng([seed, size])
-  rows = rng.choice(len(labels), num_prompts, replace=len(labels) < num_prompts)
-  prompts = np.zeros((num_prompts, labels.shape[1]), np.float32)
-  for prompt, values in zip(prompts, labels[rows][:, candidates]):
-    present, absent = values > 0, values < 0
-    weights = present / max(present.sum(), 1) + absent / max(absent.sum(), 1)
-    picked = rng.choice(len(candidates), size, replace=False, p=weights / weights.sum())
-    prompt[candidates[picked]] = values[picked]
-  return prompts
-
-
-def strip_attributes(informative, num_strips, seed):
-  """Attribute index interpolated by each strip: informative attributes in a seeded order."""
-  order = np.random.default_rng(seed).permutation(np.flatnonzero(informative))
-  return order[np.arange(num_strips) % len(order)] if len(order) else order[:0]
-
-
-def matching(labels, prompt):
-  """[N] bool: rows of `labels` [N, A] with every specified attribute of `prompt` [A]."""
-  return ((labels == np.sign(prompt)) | (prompt == 0)).all(1)
-
-
-def joint_accuracy(predicted, vectors, informative):
-  """Fraction of rows whose every specified informative attribute is read back.
-
-  `predicted` and `vectors` are [N, A]; rows that specify no informative attribute do not count.
-  None if no row counts.
-  """
-  specified = (vectors != 0) & informative[None]
-  satisfied = ((predicted == np.sign(vectors)) | ~specified).all(1)
-  counted = specified.any(1)
-  return float(satisfied[counted].mean()) if counted.any() else None
-
-
-def joint_ceiling(predicted, targets, prompts, informative):
-  """Mean over `prompts` of the classifier's joint accuracy on the real images matching each.
-
-  `predicted` and `targets` [N, A] are the classifier's readings and the labels of real
-  images; prompts that no image matches do not count.
-  """
-  values = [
-    joint_accuracy(predicted[m], np.broadcast_to(p, (m.sum(), len(p))), informative)
-    for p in prompts
-    if (m := matching(targets, p)).any()
-  ]
-  values = [v for v in values if v is not None]
-  return float(np.mean(values)) if values else None
-
-
-def unspecified_rates(predicted, vectors, labels, informative, names, min_support):
-  """Rates of unspecified attributes in samples vs in the training images matching the prompt.
-
-  `predicted` [N, A] are the classifier's readings of samples of `vectors` [N, A];
-  each distinct row of `vectors` is a prompt. For every prompt matched by at
-  least `min_support` rows of the training `labels` [M, A], and every
-  informative attribute it leaves unspecified, the fraction of its samples read
-  as present ('sampled') and of the matching training images labelled present
-  ('train'). Prompts with fewer matches are skipped rather than reported as noise.
-  """
-  prompts, which = np.unique(vectors, axis=0, return_inverse=True)
-  which = which.reshape(-1)
-  report, gaps, skipped = {}, [], 0
-  for i, prompt in enumerate(prompts):
-    free = informative & (prompt == 0)
-    if not free.any():
-      continue
-    match = matching(labels, prompt)
-    if match.sum() < min_support:
-      skipped += 1
-      continue
-    sampled = (predicted[which == i][:, free] > 0).mean(0)
-    train = (labels[match][:, free] > 0).mean(0)
-    gaps.extend(np.abs(sampled - train))
-    report[_prompt_text(prompt, names)] = {
-      'samples': int((which == i).sum()),
-      'train_support': int(match.sum()),
-      'mean_abs_gap': float(np.abs(sampled - train).mean()),
-      'rates': {
-        name: {'sampled': float(s), 'train': float(t)}
-        for name, s, t in zip(np.asarray(names)[free], sampled, train)
-      },
-    }
-  return {
-    'mean_abs_gap': float(np.mean(gaps)) if gaps else None,
-    'min_train_support': min_support,
-    'num_prompts': len(report),
-    'skipped_prompts': skipped,
-    'prompts': report,
-  }
-
-
-def identity_kept(readings, moved, informative):
-  """Fraction of frames after the first whose other informative attributes read as in the first.
-
-  `readings` [S, F, A] are the classifier's +-1 readings of S strips of F frames;
-  strip s interpolates attribute `moved[s]`.
-  """
-  others = informative[None] & (np.arange(readings.shape[-1])[None] != np.asarray(moved)[:, None])
-  kept = (readings[:, 1:] == readings[:, :1]) | ~others[:, None]
-  return float(kept.all(-1).mean())
-
-
-def single_flip(readings):
-  """Fraction of strips [S, F] of +-1 readings that go from absent to present in one change."""
-  changes = (np.diff(readings, axis=1) != 0).sum(1)
-  return float(((readings[:, 0] < 0) & (readings[:, -1] > 0) & (changes == 1)).mean())
-
-
-def _prompt_text(prompt, names):
-  """[A] +-1/0 -> "Smiling,-Male"."""
-  return ','.join(('' if v > 0 else '-') + n for n, v in zip(names, prompt) if v != 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,12 +203,12 @@ def evaluate_point(run, clf, feature_fn, guidance, settings, out_dir):
       k: _sample_and_classify(run, clf, v, w, settings)[1] for k, v in run.combined.items()
     }
     row['joint_accuracy'] = {
-      str(k): joint_accuracy(combined[k], run.combined[k], run.informative)
+      str(k): control.joint_accuracy(combined[k], run.combined[k], run.informative)
       if k in combined
       else None
-      for k in COMBINED_SIZES
+      for k in control.COMBINED_SIZES
     }
-    row['unspecified_attributes'] = unspecified_rates(
+    row['unspecified_attributes'] = control.unspecified_rates(
       np.concatenate([single_predicted, *combined.values()]),
       np.concatenate([run.single, *run.combined.values()]),
       run.train_labels,
@@ -381,8 +219,10 @@ def evaluate_point(run, clf, feature_fn, guidance, settings, out_dir):
   if len(run.strip_attributes):
     frames, readings = _interpolation_strips(run, clf, w, settings)
     row['interpolation'] = {
-      'identity_kept': identity_kept(readings, run.strip_attributes, run.informative),
-      'single_flip': single_flip(readings[np.arange(len(readings)), :, run.strip_attributes]),
+      'identity_kept': control.identity_kept(readings, run.strip_attributes, run.informative),
+      'single_flip': control.single_flip(
+        readings[np.arange(len(readings)), :, run.strip_attributes]
+      ),
       'strips': len(readings),
       'frames': settings.interp_frames,
       'attributes': [clf.attribute_names[a] for a in run.strip_attributes],
@@ -463,8 +303,8 @@ def prepare_run(workdir, clf, settings):
       f'{clf.config.data.dataset}; train a classifier on the same dataset'
     )
   ref = classifier_reference(workdir, config, clf, settings.batch_size)
-  informative = informative_attributes(ref['targets'], clf.one_hot)
-  realistic, single = conditioning(
+  informative = control.informative_attributes(ref['targets'], clf.one_hot)
+  realistic, single = control.conditioning(
     ref['targets'], names, informative, clf.one_hot, settings.num_samples, settings.seed
   )
   run = Run(
@@ -489,16 +329,20 @@ def _prepare_composition(run, ref, settings):
   run.train_labels = train_labels(run.workdir, run.config)
   num_prompts = 2 * int(run.informative.sum())  # As many as single-attribute prompts.
   run.joint_ceiling = {}
-  for size in COMBINED_SIZES:
-    prompts = combined_prompts(run.train_labels, run.informative, size, num_prompts, settings.seed)
+  for size in control.COMBINED_SIZES:
+    prompts = control.combined_prompts(
+      run.train_labels, run.informative, size, num_prompts, settings.seed
+    )
     if prompts is None:
       run.joint_ceiling[str(size)] = None
       continue
-    run.combined[size] = _repeat(prompts, settings.num_samples)
-    run.joint_ceiling[str(size)] = joint_ceiling(
+    run.combined[size] = control.repeat_prompts(prompts, settings.num_samples)
+    run.joint_ceiling[str(size)] = control.joint_ceiling(
       ref['predicted'], ref['targets'], prompts, run.informative
     )
-  run.strip_attributes = strip_attributes(run.informative, settings.interp_strips, settings.seed)
+  run.strip_attributes = control.strip_attributes(
+    run.informative, settings.interp_strips, settings.seed
+  )
   run.strip_sampler = Sampler(
     run.config, run.sampler.model, run.sampler.params, batch_size=settings.interp_frames
   )
@@ -589,124 +433,5 @@ def evaluate(
         'results': rows,
       }
     )
-  write_report(report, out_dir)
+  report_lib.write_report(report, out_dir)
   return report
-
-
-def _number(value, digits=2):
-  return 'n/a' if value is None else f'{value:.{digits}f}'
-
-
-def markdown_table(report):
-  """The report as a Markdown table, one row per (run, guidance)."""
-  lines = [
-    '| run | step | guidance | samples | FID | classifier FD | attr. acc. (real vectors) '
-    '| attr. acc. (single prompts) | classifier ceiling | wall s |',
-    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
-  ]
-  for run in report['runs']:
-    for row in run['results']:
-      w = 'uncond.' if row['guidance'] is None else f'{row["guidance"]:g}'
-      lines.append(
-        f'| {run["name"]} | {run["step"]} | {w} | {row["num_samples"]} | {_number(row["fid"])} '
-        f'| {_number(row["classifier_fd"], 3)} | {_number(row["attribute_accuracy"]["mean"], 3)} '
-        f'| {_number(row["single_attribute_accuracy"]["mean"], 3)} '
-        f'| {_number(run["classifier_ceiling"]["mean"], 3)} | {row["wall_time_s"]:.0f} |'
-      )
-  notes = [
-    'FID and classifier FD: the samples column against the whole validation split, both '
-    'uint8 round-tripped; FID is only comparable at equal sample counts.'
-  ]
-  if report['fid']['message']:
-    notes.append(report['fid']['message'])
-  return '\n'.join(lines + [''] + notes + [''] + _composition_table(report)) + '\n'
-
-
-def _composition_table(report):
-  """Joint accuracy, unspecified-attribute gap and interpolation rows, with their notes."""
-  lines = [
-    '| run | guidance | joint acc. 2 attr. (ceiling) | joint acc. 3 attr. (ceiling) '
-    '| unspecified gap (prompts) | interp. identity kept | interp. single flip |',
-    '|---|---:|---:|---:|---:|---:|---:|',
-  ]
-  for run in report['runs']:
-    for row in run['results']:
-      joint, strips = row['joint_accuracy'], row['interpolation']
-      unspecified = row['unspecified_attributes']
-      if joint is None and strips is None:
-        continue
-      cells = [
-        f'{_number(joint[k], 3)} ({_number(run["joint_ceiling"][k], 3)})' if joint else 'n/a'
-        for k in map(str, COMBINED_SIZES)
-      ]
-      if unspecified:
-        cells.append(f'{_number(unspecified["mean_abs_gap"], 3)} ({unspecified["num_prompts"]})')
-      else:
-        cells.append('n/a')
-      cells += [_number(strips and strips[k], 3) for k in ('identity_kept', 'single_flip')]
-      lines.append(f'| {run["name"]} | {row["guidance"]:g} | {" | ".join(cells)} |')
-  if len(lines) == 2:
-    return ['Joint, unspecified and interpolation metrics: not applicable to these runs.']
-  support = report['settings']['min_train_support']
-  return lines + [
-    '',
-    'Joint accuracy: samples with every specified attribute read back, for prompts of 2 or 3 '
-    'attributes of real training images; ceiling: the same on the validation images '
-    'matching each prompt.',
-    'Unspecified gap: mean |rate in the samples - rate in the training images matching the '
-    f'prompt| of each attribute a single or combined prompt leaves unspecified, over prompts '
-    f'matched by at least {support} training images (prompts: how many).',
-    'Interpolation: frames after the first whose other attributes read as in the first; '
-    'strips whose interpolated attribute reads absent, then present, changing once.',
-  ]
-
-
-def plot_report(report):
-  """FID / classifier FD and attribute accuracy vs guidance, one line per run."""
-
-  def series(metric, dashed_ceiling=False):
-    out = []
-    for run in report['runs']:
-      xs = [r['guidance'] if r['guidance'] is not None else 1.0 for r in run['results']]
-      out.append((run['name'], xs, [metric(r) for r in run['results']], not run['conditional']))
-      if dashed_ceiling:
-        out.append((f'{run["name"]} ceiling', xs[:1], [run['classifier_ceiling']['mean']], True))
-    return out
-
-  def composition():
-    out = []
-    for run in report['runs']:
-      xs = [r['guidance'] for r in run['results']]
-      for label, metric in (
-        ('joint 2', lambda r: r['joint_accuracy'] and r['joint_accuracy']['2']),
-        ('joint 3', lambda r: r['joint_accuracy'] and r['joint_accuracy']['3']),
-        ('identity kept', lambda r: r['interpolation'] and r['interpolation']['identity_kept']),
-      ):
-        ys = [metric(r) for r in run['results']]
-        if any(y is not None for y in ys):
-          out.append((f'{run["name"]} {label}', xs, ys, False))
-    return out
-
-  panels = [
-    plot.line_chart(
-      'classifier Frechet distance', 'guidance', series(lambda r: r['classifier_fd'])
-    ),
-    plot.line_chart(
-      'attribute accuracy (real vectors)',
-      'guidance',
-      series(lambda r: r['attribute_accuracy']['mean'], dashed_ceiling=True),
-    ),
-    plot.line_chart('joint accuracy, interpolation identity', 'guidance', composition()),
-  ]
-  if report['fid']['available']:
-    panels.insert(0, plot.line_chart('FID', 'guidance', series(lambda r: r['fid'])))
-  return plot.side_by_side(panels)
-
-
-def write_report(report, out_dir):
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'report.json'), 'w') as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-    f.write(markdown_table(report))
-  plot_report(report).save(os.path.join(out_dir, 'report.png'))

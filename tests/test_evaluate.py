@@ -11,8 +11,9 @@ from PIL import Image
 from test_inception import random_state_dict
 
 from configs import test as test_config
-from fdiff_jax import cli, evaluate, train
+from fdiff_jax import cli, train
 from fdiff_jax.data.synth_celeba import RENDERED_ATTRIBUTES, write_synthetic_celeba
+from fdiff_jax.metrics import attribute_control as control
 from fdiff_jax.metrics import inception
 
 ROW_FIELDS = {
@@ -34,13 +35,13 @@ INFORMATIVE = np.array([True, True, True, False])  # Bald never varies: never sc
 def test_joint_accuracy_counts_samples_with_every_specified_attribute_read_back():
   vectors = np.array([[1, -1, 0, 0], [1, -1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0]], np.float32)
   predicted = np.array([[1, -1, 1, 1], [1, 1, -1, -1], [-1, 1, 1, -1], [1, 1, 1, 1]], np.float32)
-  assert evaluate.joint_accuracy(predicted, vectors, INFORMATIVE) == 0.75  # Row 1 misses one.
+  assert control.joint_accuracy(predicted, vectors, INFORMATIVE) == 0.75  # Row 1 misses one.
   # A non-informative attribute is not scored; a row with nothing scored does not count.
   vectors = np.concatenate([vectors, [[0, 0, 0, 1]]])
   vectors[0, 3] = -1  # Read as +1, but Bald is not scored.
   predicted = np.concatenate([predicted, [[-1, -1, -1, -1]]])
-  assert evaluate.joint_accuracy(predicted, vectors, INFORMATIVE) == 0.75
-  assert evaluate.joint_accuracy(predicted[4:], vectors[4:], INFORMATIVE) is None
+  assert control.joint_accuracy(predicted, vectors, INFORMATIVE) == 0.75
+  assert control.joint_accuracy(predicted[4:], vectors[4:], INFORMATIVE) is None
 
 
 def test_joint_ceiling_averages_over_prompts_the_accuracy_on_matching_real_images():
@@ -48,7 +49,7 @@ def test_joint_ceiling_averages_over_prompts_the_accuracy_on_matching_real_image
   predicted = np.array([[1, 1, -1, -1], [1, -1, 1, -1], [-1, -1, 1, -1], [1, -1, -1, -1]])
   prompts = np.array([[1, 1, 0, 0], [0, -1, 0, 0]], np.float32)
   # Male,Mustache matches rows 0 and 1 (1 of 2 read right); -Mustache rows 2 and 3 (2 of 2).
-  assert evaluate.joint_ceiling(predicted, targets, prompts, INFORMATIVE) == 0.75
+  assert control.joint_ceiling(predicted, targets, prompts, INFORMATIVE) == 0.75
 
 
 def test_unspecified_rates_compare_samples_with_the_training_conditional():
@@ -58,7 +59,7 @@ def test_unspecified_rates_compare_samples_with_the_training_conditional():
   )
   vectors = np.tile([[0, 1, 0, 0]], (4, 1)).astype(np.float32)  # Prompt "Mustache", 4 samples.
   predicted = np.array([[1, 1, 1, 1], [-1, 1, 1, 1], [-1, 1, 1, 1], [-1, 1, -1, 1]], np.float32)
-  result = evaluate.unspecified_rates(predicted, vectors, labels, INFORMATIVE, NAMES, 3)
+  result = control.unspecified_rates(predicted, vectors, labels, INFORMATIVE, NAMES, 3)
   prompt = result['prompts']['Mustache']
   assert prompt['train_support'] == 3 and prompt['samples'] == 4
   assert set(prompt['rates']) == {'Male', 'Smiling'}  # Unspecified and informative only.
@@ -71,10 +72,10 @@ def test_unspecified_rates_compare_samples_with_the_training_conditional():
   # A second prompt, "-Male,Smiling" (one training match), is skipped, not reported as noise.
   vectors = np.concatenate([vectors, [[-1, 0, 1, 0]]])
   predicted = np.concatenate([predicted, [[-1, 1, 1, 1]]])
-  result = evaluate.unspecified_rates(predicted, vectors, labels, INFORMATIVE, NAMES, 3)
+  result = control.unspecified_rates(predicted, vectors, labels, INFORMATIVE, NAMES, 3)
   assert list(result['prompts']) == ['Mustache'] and result['skipped_prompts'] == 1
   assert np.isclose(result['mean_abs_gap'], gap) and result['min_train_support'] == 3
-  skipped = evaluate.unspecified_rates(predicted, vectors, labels, INFORMATIVE, NAMES, 4)
+  skipped = control.unspecified_rates(predicted, vectors, labels, INFORMATIVE, NAMES, 4)
   assert skipped['mean_abs_gap'] is None and skipped['skipped_prompts'] == 2
 
 
@@ -87,9 +88,9 @@ def test_interpolation_metrics_on_hand_made_readings():
     ],
     np.float32,
   )
-  assert evaluate.identity_kept(readings, [0, 2], INFORMATIVE) == 0.75  # 3 of 4 later frames.
+  assert control.identity_kept(readings, [0, 2], INFORMATIVE) == 0.75  # 3 of 4 later frames.
   strips = np.array([[-1, -1, 1, 1], [-1, 1, -1, 1], [1, 1, 1, 1], [-1, -1, -1, -1]])
-  assert evaluate.single_flip(strips) == 0.25  # Only the first: absent, then present, once.
+  assert control.single_flip(strips) == 0.25  # Only the first: absent, then present, once.
 
 
 def test_combined_prompts_are_real_combinations_of_informative_attributes():
@@ -97,16 +98,16 @@ def test_combined_prompts_are_real_combinations_of_informative_attributes():
   labels = np.where(rng.random((50, 6)) < 0.2, 1, -1).astype(np.float32)  # Mostly absent.
   informative = np.array([True, True, False, True, True, True])
   for size in (2, 3):
-    prompts = evaluate.combined_prompts(labels, informative, size, 40, seed=1)
+    prompts = control.combined_prompts(labels, informative, size, 40, seed=1)
     assert prompts.shape == (40, 6) and ((prompts != 0).sum(1) == size).all()
     assert not prompts[:, 2].any()  # Only informative attributes are picked.
-    assert all(evaluate.matching(labels, p).any() for p in prompts)  # Occur in the data.
+    assert all(control.matching(labels, p).any() for p in prompts)  # Occur in the data.
     assert (prompts > 0).any() and (prompts < 0).any()
     np.testing.assert_array_equal(
-      prompts, evaluate.combined_prompts(labels, informative, size, 40, seed=1)
+      prompts, control.combined_prompts(labels, informative, size, 40, seed=1)
     )
-  assert evaluate.combined_prompts(labels, informative, 6, 4, seed=1) is None
-  strips = evaluate.strip_attributes(informative, 7, seed=0)
+  assert control.combined_prompts(labels, informative, 6, 4, seed=1) is None
+  strips = control.strip_attributes(informative, 7, seed=0)
   assert sorted(strips[:5]) == [0, 1, 3, 4, 5] and list(strips[5:]) == list(strips[:2])
 
 

@@ -1,1 +1,2 @@
-"""Evaluation metrics: Frechet distances, the FID Inception network, report plots."""
+"""Evaluation metrics: Frechet distances, the FID Inception network, attribute-control
+metrics, report tables and plots."""
