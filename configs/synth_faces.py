@@ -27,15 +27,15 @@ def get_config():
   config.diffusion.p_uncond = 0.1
   config.diffusion.p_partial = 0.3  # prompts that name 1-3 attributes are in-distribution
   config.train.batch_size = 32
-  config.train.num_steps = 6000
+  config.train.num_steps = 4000
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 200
   config.train.lr_schedule = 'cosine'
   config.train.ema_decay = 0.999
   config.train.log_every = 100
   config.train.checkpoint_every = 500
-  config.train.sample_every = 2000
-  config.sample.guidance = 2.0
+  config.train.sample_every = 4000
+  config.sample.guidance = 3.0
   config.sample.grid_prompts = (
     '',
     'Male',
