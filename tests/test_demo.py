@@ -1,6 +1,7 @@
 """`fdiff demo`: its engine's checks, the CLI's refusals, and the page driven in headless Chromium."""
 
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -101,12 +102,14 @@ def test_photos_that_are_not_images_or_too_small_are_refused(demo_engine, tmp_pa
     demo_engine.load_photo(tmp_path / 'tiny.png')
 
 
-@pytest.mark.parametrize('flag', ['--workdir', '--classifier'])
-def test_cli_refuses_a_bad_workdir_before_serving(workdir, tmp_path, capsys, flag):
-  args = ['demo', '--workdir', workdir, flag, str(tmp_path / 'missing'), '--port', '1']
-  assert cli.main(args) == 2
+@pytest.mark.parametrize('flag', ['--workdir', '--classifier', '--port'])
+def test_cli_refuses_a_bad_workdir_or_port_before_serving(workdir, tmp_path, capsys, flag):
+  with socket.socket() as taken:
+    taken.bind(('127.0.0.1', 0))
+    value = str(taken.getsockname()[1]) if flag == '--port' else str(tmp_path / 'missing')
+    assert cli.main(['demo', '--workdir', workdir, flag, value]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith('fdiff: error:') and 'missing' in err[0]
+  assert len(err) == 1 and err[0].startswith('fdiff: error:') and value in err[0]
 
 
 def test_page_samples_interpolates_and_reports_bad_input_in_headless_chromium(

@@ -7,6 +7,7 @@ the page; the server keeps running.
 
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ def serve(workdir, classifier=None, *, host='127.0.0.1', port=7860, share=False,
   workdir = engine_lib.resolve_workdir(workdir)
   checkpoints.load_config(workdir)  # Bad flags stop here, before anything slow.
   engine_lib.check_classifier(classifier)
+  _check_port(host, port)
   require_gradio()
   cache_dir = cache_dir or os.path.join(inception.default_cache_dir(), 'jax_compilation_cache')
   engine_lib.enable_compilation_cache(cache_dir)
@@ -61,6 +63,17 @@ def serve(workdir, classifier=None, *, host='127.0.0.1', port=7860, share=False,
       )
     except OSError as e:  # Port taken, or no such host.
       raise UserError(f'cannot serve on {host}:{port} ({e}); choose another --port') from None
+
+
+def _check_port(host, port):
+  """A UserError now, rather than after compiling, if the server could not listen there."""
+  try:
+    with socket.socket() as s:
+      s.bind((host, port))
+  except OSError as e:
+    raise UserError(
+      f'cannot serve on {host}:{port} ({e.strerror}); choose another --port'
+    ) from None
 
 
 def _interrupt(signum, frame):
