@@ -35,8 +35,8 @@ def require_gradio():
   return gradio
 
 
-def serve(workdir, classifier=None, *, host='127.0.0.1', port=7860, share=False, cache_dir=None):
-  """Loads the model, compiles its programs (cached in `cache_dir`), then serves the page."""
+def serve(workdir, classifier=None, *, host='127.0.0.1', port=7860, share=False):
+  """Loads the model, compiles its programs (cached under $FDIFF_CACHE), then serves the page."""
   from fdiff_jax import checkpoints
   from fdiff_jax.metrics import inception
 
@@ -45,7 +45,7 @@ def serve(workdir, classifier=None, *, host='127.0.0.1', port=7860, share=False,
   engine_lib.check_classifier(classifier)
   _check_port(host, port)
   require_gradio()
-  cache_dir = cache_dir or os.path.join(inception.default_cache_dir(), 'jax_compilation_cache')
+  cache_dir = os.path.join(inception.default_cache_dir(), 'jax_compilation_cache')
   engine_lib.enable_compilation_cache(cache_dir)
   start = time.perf_counter()
   engine = engine_lib.DemoEngine(workdir, classifier)
@@ -207,7 +207,7 @@ def build(engine: engine_lib.DemoEngine, scratch: str):
       {*sample_attrs, *sample_opts.values(), num},
       [sample_out],
       sample_status,
-      'images',
+      timed=True,
     )
     _listen(
       gr,
@@ -216,7 +216,7 @@ def build(engine: engine_lib.DemoEngine, scratch: str):
       {*start_attrs, *end_attrs, *interp_opts.values(), frames},
       [strip, gif],
       interp_status,
-      'frames',
+      timed=True,
     )
     _listen(
       gr,
@@ -225,10 +225,16 @@ def build(engine: engine_lib.DemoEngine, scratch: str):
       {photo, method, strength, *source_attrs, *change_attrs, *edit_opts.values()},
       [panel],
       edit_status,
-      'edit',
+      timed=True,
     )
     _listen(
-      gr, real, lambda v, p: engine.random_real(rng), set(), sample_attrs, sample_status, None
+      gr,
+      real,
+      lambda v, p: engine.random_real(rng),
+      set(),
+      sample_attrs,
+      sample_status,
+      timed=False,
     )
     _listen(
       gr,
@@ -237,7 +243,7 @@ def build(engine: engine_lib.DemoEngine, scratch: str):
       {photo},
       source_attrs,
       edit_status,
-      None,
+      timed=False,
     )
   return page
 
