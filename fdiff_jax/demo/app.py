@@ -21,7 +21,7 @@ from fdiff_jax.errors import UserError
 
 STATE_LABELS = (('any', 'any'), ('yes', 'yes'), ('no', 'no'))
 CHANGE_LABELS = (('keep', 'any'), ('yes', 'yes'), ('no', 'no'))
-CSS = '.attribute-radio .wrap { flex-wrap: nowrap; }'
+CSS = '.attribute-radio .wrap { flex-wrap: nowrap; gap: 4px; } .attribute-radio label { padding: 4px 8px; }'
 
 
 def require_gradio():
