@@ -237,7 +237,7 @@ def measure(workdir, *, repeats=5, screenshot=None):
   known = engine.known_attributes(config, engine.real_labels(config))[0]
   shown = [name for name in ('Smiling', 'Eyeglasses') if name in known]  # For the screenshot.
   cache = tempfile.mkdtemp(prefix='fdiff_demo_cache_')
-  env = dict(os.environ, FDIFF_CACHE=cache)
+  env = dict(os.environ, FDIFF_CACHE=cache, GRADIO_TEMP_DIR=os.path.join(cache, 'gradio'))
   try:
     with DemoServer(workdir, env=env) as server:
       cold = server.startup_s
