@@ -221,18 +221,12 @@ def cmd_interpolate(args):
   )
   _write(frames, 'frame', args.out, args.out_dir, args.scale)
   if args.gif:
-    images.save_gif(
-      args.gif,
-      [images.grid_image(frames[:, f : f + 1]) for f in range(args.frames)],
-      scale=args.scale,
-    )
+    images.save_gif(args.gif, images.animation_frames(frames), scale=args.scale)
     print(f'wrote {args.gif}')
 
 
 def cmd_edit(args):
   import os
-
-  import numpy as np
 
   from fdiff_jax import generate
 
@@ -253,21 +247,19 @@ def cmd_edit(args):
     source = generate.predicted_attributes(config, image, classifier_dir)
   else:
     source = generate.attribute_vector(config, source_text)[None]
-  target = generate.updated_attributes(source, generate.attribute_vector(config, args.set))
-  reconstruction, edited = generate.edit(
+  panel = generate.edit_panel(
     sampler,
     image,
     source,
-    target,
+    generate.attribute_vector(config, args.set),
     method=args.method,
     strength=args.strength,
     guidance=args.guidance,
     steps=args.steps,
     seed=args.seed,
   )
-  panel = np.stack([image, reconstruction, edited], axis=1)  # original | reconstruction | edit
   _write(panel, 'edit', args.out, None, args.scale)
-  _write(edited[:, None], 'edit', None, args.out_dir, args.scale)
+  _write(panel[:, 2:], 'edit', None, args.out_dir, args.scale)
 
 
 def cmd_export(args):
@@ -275,6 +267,17 @@ def cmd_export(args):
 
   loaded = checkpoints.export_model(args.workdir, args.out, args.checkpoint_step)
   print(f'wrote {args.out}: config and EMA parameters of step {loaded.step}')
+
+
+def cmd_demo(args):
+  if args.measure:
+    from fdiff_jax.demo import browser
+
+    browser.measure(args.workdir, screenshot=args.screenshot)
+    return
+  from fdiff_jax.demo import app
+
+  app.serve(args.workdir, args.classifier, host=args.host, port=args.port, share=args.share)
 
 
 def _add_generation_flags(p):
@@ -417,6 +420,23 @@ def build_parser():
   p.add_argument('--out', required=True, help='new folder; use it as --workdir of any sampler')
   p.add_argument('--checkpoint-step', type=int, help='checkpoint to export (default: latest)')
   p.set_defaults(func=cmd_export)
+
+  p = commands.add_parser('demo', help='an interactive page: sample, interpolate, edit (gradio)')
+  p.add_argument(
+    '--workdir', help='trained or exported model (default: pretrained/synth-faces of the repo)'
+  )
+  p.add_argument('--classifier', help='classifier workdir that reads the attributes of photos')
+  p.add_argument('--port', type=int, default=7860)
+  p.add_argument('--host', default='127.0.0.1', help='0.0.0.0 serves other machines too')
+  p.add_argument('--share', action='store_true', help='also serve through a public gradio link')
+  p.add_argument(
+    '--measure',
+    action='store_true',
+    help='instead of serving: time start-up (cold and warm compilation cache) and '
+    'click-to-image in headless Chromium',
+  )
+  p.add_argument('--screenshot', help='with --measure: save a screenshot of the page here')
+  p.set_defaults(func=cmd_demo)
 
   data = commands.add_parser('data', help='dataset tools').add_subparsers(
     dest='data_command', required=True

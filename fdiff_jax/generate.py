@@ -57,12 +57,17 @@ def parse_guidance(text: str) -> list[float]:
 
 def load_image(path: str, config) -> np.ndarray:
   """A photo file -> float32 [H, W, C] in [-1, 1], preprocessed exactly like training data."""
-  channels = pipeline.image_shape(config)[-1]
+  size, _, channels = pipeline.image_shape(config)
   try:
     with Image.open(path) as image:
       array = np.asarray(image.convert('RGB' if channels == 3 else 'L'))
-  except (OSError, ValueError) as e:  # Missing, unreadable or not an image.
+  except (OSError, ValueError, Image.DecompressionBombError) as e:  # Not an image, or huge.
     raise UserError(f'cannot read image {path!r} ({e}); give a JPEG or PNG file') from None
+  if min(array.shape[:2]) < size:
+    raise UserError(
+      f'image {path!r} is {array.shape[1]}x{array.shape[0]} pixels, smaller than the '
+      f"model's {size}x{size}; give a photo at least that large"
+    )
   return pipeline.preprocess_image(array.reshape(array.shape[:2] + (channels,)), config)
 
 
@@ -177,6 +182,18 @@ def edit(
     **options,
   )
   return out[:n], out[n:]
+
+
+def edit_panel(sampler: Sampler, images, source, changes, **options) -> np.ndarray:
+  """[N, 3, H, W, C]: original | reconstruction | edit of images [N, H, W, C].
+
+  The edit sets the attributes that `changes` [A] names (non-zero) and keeps the
+  rest of `source` [N, A]; `options` are those of `edit`.
+  """
+  images = np.asarray(images, np.float32)
+  target = updated_attributes(source, changes)
+  reconstruction, edited = edit(sampler, images, source, target, **options)
+  return np.stack([images, reconstruction, edited], axis=1)
 
 
 def predicted_attributes(config, images: np.ndarray, classifier_dir: str) -> np.ndarray:

@@ -72,6 +72,12 @@ def grid_image(images):
   return make_grid(to_uint8(images.reshape((-1,) + images.shape[2:])), images.shape[0])
 
 
+def animation_frames(rows):
+  """[rows, frames, H, W, C] in [-1, 1] -> one uint8 column image (a frame of every row) per frame."""
+  rows = np.asarray(rows)
+  return [grid_image(rows[:, f : f + 1]) for f in range(rows.shape[1])]
+
+
 def save_each(out_dir, images, prefix, scale=1):
   """Writes [N, H, W, C] images in [-1, 1] as out_dir/{prefix}_0000.png, ... (in order)."""
   for i, image in enumerate(to_uint8(images)):

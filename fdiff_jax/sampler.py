@@ -138,6 +138,14 @@ class Sampler:
     other.params = params
     return other
 
+  def with_batching(
+    self, batch_size: int | None, progress: batching.Progress | None = None
+  ) -> 'Sampler':
+    """The same sampler with another batch size and progress, sharing its compilations."""
+    other = copy.copy(self)
+    other.batch_size, other.progress = batch_size, progress
+    return other
+
   def options(
     self,
     solver: str | None = None,
