@@ -80,7 +80,15 @@ class _Batches:
   def __next__(self) -> dict:
     if self._iterator is None:
       raise StopIteration
-    return next(self._iterator)
+    try:
+      return next(self._iterator)
+    except tf.errors.InvalidArgumentError as e:  # A stored image the decoder cannot read.
+      self.close()
+      message = ' '.join(e.message.split())
+      raise UserError(
+        f'an image of the dataset cannot be decoded ({message[:200]}); prepare the '
+        'dataset again from intact files (delete its folder in config.data.data_dir)'
+      ) from None
 
   def close(self):
     self._iterator = None
