@@ -313,9 +313,9 @@ def cmd_edit(args):
 
 
 def cmd_export(args):
-  from fdiff_jax import checkpoints
+  from fdiff_jax import checkpoints, images
 
-  _check_outputs(args)
+  images.check_writable(args.out, '--out', folder=True)
 
   loaded = checkpoints.export_model(args.workdir, args.out, args.checkpoint_step)
   print(f'wrote {args.out}: config and EMA parameters of step {loaded.step}')

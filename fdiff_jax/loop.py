@@ -193,4 +193,6 @@ def run(
     checkpoints.write_manifests(manager)
     manager.close()
     writer.flush()
+    if hasattr(data, 'close'):
+      data.close()  # Released in the background: the command may exit right away.
   return state, history

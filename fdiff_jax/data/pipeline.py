@@ -66,11 +66,17 @@ class _Batches:
 
   tf.data threads still running the Python fetch when Python shuts down
   deadlock the exit; `_close_all` at exit releases the pipelines first.
+  Releasing one waits for its in-flight elements and holds up the main
+  thread, seconds on a busy host, so `close()` only retires it: it is released
+  when the next pipeline starts or at exit, and a training command that ends
+  with `os._exit` after its last checkpoint never waits for it.
   """
 
   _live = weakref.WeakSet()
+  _retired = []  # At most one closed, not yet released tf.data iterator.
 
   def __init__(self, dataset: tf.data.Dataset):
+    _Batches._retired.clear()
     self._iterator = dataset.as_numpy_iterator()
     self._live.add(self)
 
@@ -91,13 +97,17 @@ class _Batches:
       ) from None
 
   def close(self):
+    """Stops reading; the tf.data iterator is retired (see the class docstring)."""
+    if self._iterator is not None:
+      _Batches._retired[:] = [self._iterator]
     self._iterator = None
 
 
 @atexit.register
 def _close_all():
+  _Batches._retired.clear()  # pylint: disable=protected-access
   for batches in list(_Batches._live):  # pylint: disable=protected-access
-    batches.close()
+    batches._iterator = None  # pylint: disable=protected-access
 
 
 def _per_process_batch(global_batch: int) -> int:
