@@ -4,9 +4,11 @@ A workdir is self-describing: `config.json` sits next to `checkpoints/`, so
 later commands need only `--workdir`. Every committed step directory gets a
 SHA-256 manifest (`MANIFEST_FILE`); restores verify it, compare the saved
 shapes with the state the config builds, and refuse non-finite values, so a
-damaged checkpoint is named in one line instead of restoring silently. An exported model (`fdiff export`) is a
-workdir with `config.json` and `ema_params.msgpack` only: the EMA parameters
-and their step, no optimizer state; every sampling command loads it alike.
+damaged checkpoint is named in one line instead of restoring silently.
+
+An exported model (`fdiff export`) is a workdir with `config.json` and
+`ema_params.msgpack` only: the EMA parameters and their step, no optimizer
+state; every sampling command loads it alike.
 """
 
 import contextlib
@@ -159,15 +161,13 @@ def _check_structure(manager, step, abstract):
     raise DamagedCheckpoint(
       step, manager.directory, f'metadata unreadable: {_first_line(e)}'
     ) from None
-  fields = {f.name for f in dataclasses.fields(abstract)}
-  kinds = {'ema_params': 'a diffusion model', 'no_ema': 'an attribute classifier'}
-  saved_kind = kinds['ema_params' if 'ema_params' in saved else 'no_ema']
-  wanted_kind = kinds['ema_params' if 'ema_params' in fields else 'no_ema']
-  if saved_kind != wanted_kind:
+  diffusion = 'ema_params' in {f.name for f in dataclasses.fields(abstract)}
+  if ('ema_params' in saved) != diffusion:  # Only diffusion states keep EMA parameters.
+    kinds = ('an attribute classifier', 'a diffusion model')
     raise UserError(
-      f'{os.path.dirname(str(manager.directory))} holds {saved_kind}, not {wanted_kind}; '
-      'give the workdir of '
-      + ('`fdiff train`' if wanted_kind == kinds['ema_params'] else '`fdiff train-classifier`')
+      f'{os.path.dirname(str(manager.directory))} holds {kinds[not diffusion]}, not '
+      f'{kinds[diffusion]}; give the workdir of '
+      + ('`fdiff train`' if diffusion else '`fdiff train-classifier`')
     )
   have, want = _shapes(saved.get('params', {})), _shapes(abstract.params)
   if have != want:

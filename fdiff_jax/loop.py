@@ -122,7 +122,7 @@ def _start(manager, init_fn, sharding, workdir):
       state = checkpoints.restore(manager, abstract, step)
     except checkpoints.DamagedCheckpoint as e:
       moved = checkpoints.set_aside(manager, step, workdir)
-      logging.warning('%s; moved it to %s and resuming from the step before it', e, moved)
+      logging.warning('%s; moved it to %s, resuming from an earlier checkpoint if any', e, moved)
       continue
     logging.info('Resumed from step %d', int(state.step))
     return state

@@ -85,13 +85,19 @@ def _check_reachable(name, data_dir):
     ) from None
 
 
+def _downloads(builder):
+  """Whether `download_and_prepare` is TFDS's own (`tfds.testing.mock_data` replaces it)."""
+  method = type(builder).download_and_prepare
+  return method.__module__.startswith('tensorflow_datasets.core')
+
+
 def _prepare_tfds(name):
   """Returns a `prepare` for a TFDS catalog dataset (downloads once)."""
 
   def prepare(manual_dir, data_dir):
     del manual_dir  # Catalog datasets download their own files.
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
-    if not builder.is_prepared():
+    if not builder.is_prepared() and _downloads(builder):
       _check_reachable(name, data_dir)
     try:
       with _quiet_progress():
