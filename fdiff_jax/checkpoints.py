@@ -103,11 +103,11 @@ def _files(folder, prefix=''):
 
 
 def _file_digests(step_dir):
-  """{path relative to step_dir: sha256 hex} of every file below it but the manifest."""
+  """{path relative to step_dir: sha256 hex} of every checkpoint file below it."""
   return {
     name: hashlib.sha256(path.read_bytes()).hexdigest()
     for name, path in _files(step_dir)
-    if name != MANIFEST_FILE
+    if not name.startswith(MANIFEST_FILE)  # Nor a temporary left by a killed writer.
   }
 
 
@@ -270,9 +270,15 @@ def workdir_lock(workdir):
   if '://' in workdir or jax.process_index() != 0:
     yield
     return
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
-  with open(path, 'a+') as f:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    f = open(path, 'a+')  # pylint: disable=consider-using-with  # Closed below.
+  except OSError as e:
+    raise UserError(
+      f'cannot use {workdir} as a workdir ({e.strerror or e}); choose another'
+    ) from None
+  with f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
