@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fdiff_jax import config_utils, images
+from fdiff_jax import config_utils, images, parallel
 from fdiff_jax.data import pipeline
 from fdiff_jax.errors import UserError
 from fdiff_jax.models import UNet, build_model
@@ -116,7 +116,7 @@ def write_manifests(manager):
 
   Call it once the saves are committed (`manager.wait_until_finished()`).
   """
-  if jax.process_index() != 0:
+  if not parallel.is_main_process():
     return
   for step in manager.all_steps():
     manifest = _step_dir(manager, step) / MANIFEST_FILE
@@ -245,7 +245,7 @@ def _is_float(x):
 def set_aside(manager, step, workdir):
   """Moves damaged `step` to WORKDIR/damaged_checkpoints/STEP (main process); returns that path."""
   target = epath.Path(absolute(workdir)) / DAMAGED_DIR / str(step)
-  if jax.process_index() == 0:
+  if parallel.is_main_process():
     suffix = 0
     while target.exists():
       suffix += 1
@@ -267,7 +267,7 @@ def workdir_lock(workdir):
   The kernel drops the lock when the process dies, so a crash leaves nothing stale.
   Only the main process of a job locks; cloud URLs (gs://...) are not locked.
   """
-  if '://' in workdir or jax.process_index() != 0:
+  if '://' in workdir or not parallel.is_main_process():
     yield
     return
   path = os.path.join(workdir, LOCK_FILE)
