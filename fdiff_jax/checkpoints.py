@@ -1,13 +1,22 @@
 """A workdir on disk: the saved config, orbax checkpoints, and restoring them.
 
 A workdir is self-describing: `config.json` sits next to `checkpoints/`, so
-later commands need only `--workdir`. An exported model (`fdiff export`) is a
-workdir with `config.json` and `ema_params.msgpack` only: the EMA parameters
-and their step, no optimizer state; every sampling command loads it alike.
+later commands need only `--workdir`. Every committed step directory gets a
+SHA-256 manifest (`MANIFEST_FILE`); restores verify it, compare the saved
+shapes with the state the config builds, and refuse non-finite values, so a
+damaged checkpoint is named in one line instead of restoring silently.
+
+An exported model (`fdiff export`) is a workdir with `config.json` and
+`ema_params.msgpack` only: the EMA parameters and their step, no optimizer
+state; every sampling command loads it alike.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
+import hashlib
+import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fdiff_jax import config_utils, images
+from fdiff_jax import config_utils, images, parallel
 from fdiff_jax.data import pipeline
 from fdiff_jax.errors import UserError
 from fdiff_jax.models import UNet, build_model
@@ -27,6 +36,17 @@ from fdiff_jax.train_state import initial_state, make_optimizer
 
 CONFIG_FILE = 'config.json'
 EXPORT_FILE = 'ema_params.msgpack'
+MANIFEST_FILE = 'fdiff_sha256.json'  # In each step directory: {relative path: sha256}.
+DAMAGED_DIR = 'damaged_checkpoints'  # Where training moves steps that fail verification.
+LOCK_FILE = '.lock'
+
+
+class DamagedCheckpoint(UserError):
+  """A checkpoint step whose files fail their checksums or cannot be read back."""
+
+  def __init__(self, step, directory, reason):
+    super().__init__(f'checkpoint {step} in {directory} is damaged ({reason})')
+    self.step = step
 
 
 def save_config(workdir, config):
@@ -59,12 +79,141 @@ def checkpoint_manager(workdir, max_to_keep=None, asynchronous=True):
 
 
 def save(manager, step, state):
-  """Starts an asynchronous save of `state` at `step`."""
+  """Starts an asynchronous save of `state` at `step`, after the previous one is committed.
+
+  The previous save's step directories get their manifests first (see `write_manifests`).
+  """
+  manager.wait_until_finished()
+  write_manifests(manager)
   manager.save(step, args=ocp.args.StandardSave(state))
 
 
+def _step_dir(manager, step):
+  return epath.Path(manager.directory) / str(step)
+
+
+def _files(folder, prefix=''):
+  """(relative name, path) of every file below `folder` (epath: local or cloud)."""
+  for path in sorted(folder.iterdir()):
+    name = f'{prefix}{path.name}'
+    if path.is_dir():
+      yield from _files(path, f'{name}/')
+    else:
+      yield name, path
+
+
+def _file_digests(step_dir):
+  """{path relative to step_dir: sha256 hex} of every checkpoint file below it."""
+  return {
+    name: hashlib.sha256(path.read_bytes()).hexdigest()
+    for name, path in _files(step_dir)
+    if not name.startswith(MANIFEST_FILE)  # Nor a temporary left by a killed writer.
+  }
+
+
+def write_manifests(manager):
+  """Writes the SHA-256 manifest of every committed step that lacks one (main process only).
+
+  Call it once the saves are committed (`manager.wait_until_finished()`).
+  """
+  if not parallel.is_main_process():
+    return
+  for step in manager.all_steps():
+    manifest = _step_dir(manager, step) / MANIFEST_FILE
+    if not manifest.exists():
+      text = json.dumps(_file_digests(_step_dir(manager, step)), indent=0, sort_keys=True)
+      tmp = manifest.parent / (MANIFEST_FILE + '.tmp')
+      tmp.write_text(text)
+      tmp.replace(manifest)
+
+
+def verify_files(manager, step):
+  """True if `step` has a manifest its files match, False if it has none; else DamagedCheckpoint."""
+  step_dir = _step_dir(manager, step)
+  manifest = step_dir / MANIFEST_FILE
+  if not manifest.exists():
+    return False
+  try:
+    expected = json.loads(manifest.read_text())
+  except (ValueError, OSError):
+    raise DamagedCheckpoint(step, manager.directory, f'{MANIFEST_FILE} is unreadable') from None
+  for name, digest in expected.items():
+    path = step_dir / name
+    if not path.is_file():
+      raise DamagedCheckpoint(step, manager.directory, f'{name} is missing')
+    if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+      raise DamagedCheckpoint(step, manager.directory, f'{name} does not match its checksum')
+  return True
+
+
+def _shapes(tree):
+  return {
+    jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def _check_structure(manager, step, abstract):
+  """Raises a UserError unless `step` holds the kind and parameter shapes of `abstract`."""
+  try:
+    saved = ocp.StandardCheckpointer().metadata(_step_dir(manager, step) / 'default')
+    saved = dict(getattr(saved, 'item_metadata', saved))
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises several kinds.
+    raise DamagedCheckpoint(
+      step, manager.directory, f'metadata unreadable: {_first_line(e)}'
+    ) from None
+  diffusion = 'ema_params' in {f.name for f in dataclasses.fields(abstract)}
+  if ('ema_params' in saved) != diffusion:  # Only diffusion states keep EMA parameters.
+    kinds = ('an attribute classifier', 'a diffusion model')
+    raise UserError(
+      f'{os.path.dirname(str(manager.directory))} holds {kinds[not diffusion]}, not '
+      f'{kinds[diffusion]}; give the workdir of '
+      + ('`fdiff train`' if diffusion else '`fdiff train-classifier`')
+    )
+  have, want = _shapes(saved.get('params', {})), _shapes(abstract.params)
+  if have != want:
+    key = next(
+      (k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)), 'parameters'
+    )
+    raise UserError(
+      f'the config differs from the one checkpoint {step} in {manager.directory} was trained '
+      f'with (params{key}: saved {have.get(key, "absent")}, config builds '
+      f'{want.get(key, "absent")}); use its config.json or a new --workdir'
+    )
+
+
+def check_resumable(workdir: str, init_fn: Callable[[], Any]) -> None:
+  """Before a trainer writes to `workdir`: its latest checkpoint, if any, fits `init_fn()`.
+
+  A changed model config or another kind of workdir is one UserError here,
+  before anything is written; a damaged step is left to the training loop.
+  """
+  if not (epath.Path(absolute(workdir)) / 'checkpoints').is_dir():
+    return
+  manager = checkpoint_manager(workdir)
+  try:
+    step = manager.latest_step()
+    if step is not None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      try:
+        _check_structure(manager, step, abstract_state(init_fn, sharding))
+      except DamagedCheckpoint:
+        pass
+  finally:
+    manager.close()
+
+
+def _first_line(e):
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
 def restore(manager: ocp.CheckpointManager, abstract: Any, step: int | None = None) -> Any:
-  """Restores `abstract`'s structure (with its shardings) at `step` (default latest)."""
+  """Restores `abstract`'s structure (with its shardings) at `step` (default latest).
+
+  Raises DamagedCheckpoint when the step's files fail their manifest, cannot be
+  read, or hold non-finite values, and a plain UserError when the step holds
+  another kind of model or other shapes than `abstract` (a changed config).
+  """
   step = manager.latest_step() if step is None else step
   if step is None:
     raise UserError(f'no checkpoint in {manager.directory}; train first or check --workdir')
@@ -73,14 +222,80 @@ def restore(manager: ocp.CheckpointManager, abstract: Any, step: int | None = No
       f'no checkpoint at step {step} in {manager.directory}; '
       f'available: {sorted(manager.all_steps())}'
     )
+  verified = verify_files(manager, step)
+  _check_structure(manager, step, abstract)
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, OSError, TypeError) as e:
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises bare Exceptions too.
+    if verified:  # The files are intact: the config builds another state.
+      raise UserError(
+        f'checkpoint {step} in {manager.directory} does not fit the state this config builds '
+        f"({_first_line(e)}); the config differs from the checkpoint's: use its config.json"
+      ) from None
+    raise DamagedCheckpoint(step, manager.directory, _first_line(e)) from None
+  if not all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(state) if _is_float(x)):
+    raise DamagedCheckpoint(step, manager.directory, 'it holds NaN or Inf values')
+  return state
+
+
+def _is_float(x):
+  return jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
+
+
+def set_aside(manager, step, workdir):
+  """Moves damaged `step` to WORKDIR/damaged_checkpoints/STEP (main process); returns that path."""
+  target = epath.Path(absolute(workdir)) / DAMAGED_DIR / str(step)
+  if parallel.is_main_process():
+    suffix = 0
+    while target.exists():
+      suffix += 1
+      target = target.parent / f'{step}.{suffix}'
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _step_dir(manager, step).rename(target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f'set_aside_{step}')
+  manager.reload()
+  return target
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """Holds WORKDIR/.lock (flock) so two trainers never share a workdir; released on exit.
+
+  The kernel drops the lock when the process dies, so a crash leaves nothing stale.
+  Only the main process of a job locks; cloud URLs (gs://...) are not locked.
+  """
+  if '://' in workdir or not parallel.is_main_process():
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    f = open(path, 'a+')  # pylint: disable=consider-using-with  # Closed below.
+  except OSError as e:
     raise UserError(
-      f'checkpoint {step} in {manager.directory} cannot be restored '
-      f'({first_line}); delete it to fall back to an earlier one'
+      f'cannot use {workdir} as a workdir ({e.strerror or e}); choose another'
     ) from None
+  with f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise UserError(
+        f'{workdir} is in use by another training run ({holder} holds {path}); '
+        'wait for it to finish or use another --workdir'
+      ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()}')
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def abstract_state(init_fn: Callable[[], Any], sharding: jax.sharding.Sharding) -> Any:
@@ -100,6 +315,14 @@ def load_state(workdir: str, init_fn: Callable[[], Any], step: int | None = None
   manager = checkpoint_manager(workdir)
   try:
     return restore(manager, abstract_state(init_fn, sharding), step)
+  except DamagedCheckpoint as e:
+    others = [s for s in sorted(manager.all_steps()) if s != e.step]
+    hint = (
+      f'pick another with --checkpoint-step (steps: {", ".join(map(str, others))})'
+      if others
+      else 'no other checkpoint to fall back to; train again'
+    )
+    raise UserError(f'{e}; {hint}') from None
   finally:
     manager.close()
 

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from fdiff_jax import checkpoints, loop, parallel
 from fdiff_jax.batching import map_batches
-from fdiff_jax.data import pipeline
+from fdiff_jax.data import pipeline, sources
 from fdiff_jax.data.attributes import DIGIT_ATTRIBUTES
 from fdiff_jax.errors import UserError
 from fdiff_jax.metrics import fid
@@ -167,20 +167,35 @@ def train_classifier(
     out_shardings=parallel.replicated(mesh),
     donate_argnums=0,
   )
+  init_fn = functools.partial(initial_state, config, model, tx)
+  # The data (both splits) and the workdir's checkpoints first: a missing dataset or a
+  # changed config stops here, before the workdir is touched.
+  with parallel.main_process_first('prepare_dataset'):
+    train_split = sources.open_split(config, config.data.train_split)
+    sources.open_split(config, config.data.eval_split)
+  checkpoints.check_resumable(workdir, init_fn)
+  with checkpoints.workdir_lock(workdir):
+    return _train_and_validate(config, workdir, mesh, init_fn, step_fn, data_config, train_split)
+
+
+def _train_and_validate(config, workdir, mesh, init_fn, step_fn, data_config, train_split):
+  """The loop, then the validation accuracies of a finished run (None if stopped early)."""
+  c, one_hot = config.classifier, is_one_hot(config)
   writer = loop.create_writer(workdir)
   state, _ = loop.run(
     config,
     'classifier',
     workdir,
-    functools.partial(initial_state, config, model, tx),
+    init_fn,
     step_fn,
-    lambda start: pipeline.create_train_iterator(data_config, start_step=start),
+    lambda start: pipeline.create_train_iterator(data_config, start_step=start, split=train_split),
     mesh,
     writer,
   )
   step = int(state.step)
   if step < c.num_steps:
     return None
+  model = build_classifier(config)
   classifier = Classifier(workdir, config, model, jax.device_get(state.params), step)
   predicted, targets, _ = classifier.run_on_split(config)
   mean, per_attribute = accuracy(
@@ -274,12 +289,7 @@ class Classifier:
 
 def load_classifier(classifier_dir, step=None):
   """The classifier trained in `classifier_dir` (latest checkpoint unless `step`)."""
-  config = checkpoints.load_config(classifier_dir)
-  if 'classifier' not in config:
-    raise UserError(
-      f'{classifier_dir!r} holds no classifier config; train one with '
-      '`fdiff train-classifier --config ... --workdir ...`'
-    )
+  config = checkpoints.load_config(classifier_dir)  # Restoring checks it holds a classifier.
   model, tx = build_classifier(config), make_optimizer(config.classifier)
   init_fn = functools.partial(initial_state, config, model, tx)
   state = checkpoints.load_state(classifier_dir, init_fn, step)

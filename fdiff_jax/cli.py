@@ -4,6 +4,8 @@ Every user mistake surfaces as one line on stderr and exit code 2.
 """
 
 import argparse
+import math
+import os
 import sys
 
 from fdiff_jax import cpu_runtime
@@ -27,6 +29,42 @@ def _config_overrides(unknown):
     overrides.append(arg)
     i += 1
   return overrides
+
+
+def _typed(parse, check, wanted):
+  """An argparse type: `parse(text)`, refused (one line, exit 2) unless `check(value)`."""
+
+  def convert(text):
+    try:
+      value = parse(text)
+    except ValueError:
+      value = None
+    if value is None or not check(value):
+      raise argparse.ArgumentTypeError(f'{text!r} is not {wanted}')
+    return value
+
+  convert.__name__ = wanted  # What argparse names in its own messages.
+  return convert
+
+
+# One type per kind of numeric flag, shared by every command that has such a flag.
+positive_int = _typed(int, lambda v: v >= 1, 'a whole number >= 1')
+nonnegative_int = _typed(int, lambda v: v >= 0, 'a whole number >= 0')
+at_least_two = _typed(int, lambda v: v >= 2, 'a whole number >= 2')
+guidance_weight = _typed(
+  float, lambda v: math.isfinite(v) and v >= 0, 'a guidance weight (a finite number >= 0)'
+)
+nonnegative_float = _typed(float, lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0')
+positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, 'a finite number > 0')
+fraction = _typed(float, lambda v: 0 < v <= 1, 'a number in (0, 1]')
+
+
+def _check_outputs(args):
+  """Every output flag of `args` can be written: checked before any sampling or training."""
+  from fdiff_jax import images
+
+  for flag, folder in (('out', False), ('gif', False), ('out_dir', True)):
+    images.check_writable(getattr(args, flag, None), '--' + flag.replace('_', '-'), folder)
 
 
 def cmd_train(args, overrides):
@@ -54,6 +92,7 @@ def cmd_bench(args, overrides):
   config = config_utils.load_config(args.config, overrides)
   from fdiff_jax import bench
 
+  _check_outputs(args)
   what = bench.parse_workloads(args.what)
   result = bench.run(
     config,
@@ -85,6 +124,8 @@ def cmd_train_classifier(args, overrides):
 def cmd_evaluate(args):
   from fdiff_jax import evaluate, generate
   from fdiff_jax.metrics import report as report_lib
+
+  _check_outputs(args)
 
   report = evaluate.evaluate(
     args.workdir,
@@ -133,6 +174,7 @@ def _sampler(args):
 
   if not (args.out or args.out_dir or getattr(args, 'gif', None)):
     raise UserError('nothing would be written; give --out FILE.png and/or --out-dir DIR')
+  _check_outputs(args)
   loaded = checkpoints.load_model(args.workdir, args.checkpoint_step)
   return sampler.Sampler(
     loaded.config,
@@ -263,7 +305,9 @@ def cmd_edit(args):
 
 
 def cmd_export(args):
-  from fdiff_jax import checkpoints
+  from fdiff_jax import checkpoints, images
+
+  images.check_writable(args.out, '--out', folder=True)
 
   loaded = checkpoints.export_model(args.workdir, args.out, args.checkpoint_step)
   print(f'wrote {args.out}: config and EMA parameters of step {loaded.step}')
@@ -283,12 +327,16 @@ def cmd_demo(args):
 def _add_generation_flags(p):
   """Flags shared by sample, interpolate and edit."""
   p.add_argument('--workdir', required=True, help='training workdir (config + checkpoints)')
-  p.add_argument('--checkpoint-step', type=int, help='checkpoint to use (default: latest)')
-  p.add_argument('--steps', type=int, help='sampling steps (default: sample.steps)')
-  p.add_argument('--batch-size', type=int, help='images per compiled batch (default: up to 32)')
+  p.add_argument(
+    '--checkpoint-step', type=nonnegative_int, help='checkpoint to use (default: latest)'
+  )
+  p.add_argument('--steps', type=positive_int, help='sampling steps (default: sample.steps)')
+  p.add_argument(
+    '--batch-size', type=positive_int, help='images per compiled batch (default: up to 32)'
+  )
   p.add_argument('--out', help='grid PNG to write')
   p.add_argument('--out-dir', help='folder for the individual PNGs')
-  p.add_argument('--scale', type=int, default=1, help='enlarge the PNGs by this factor')
+  p.add_argument('--scale', type=positive_int, default=1, help='enlarge the PNGs by this factor')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -311,22 +359,26 @@ def build_parser():
     'each also read from FDIFF_<NAME> (e.g. FDIFF_PROCESS_ID); see launch/README.md',
   )
   multihost.add_argument('--coordinator_address', help='HOST:PORT of process 0, the same for all')
-  multihost.add_argument('--num_processes', type=int, help='number of processes in the job')
-  multihost.add_argument('--process_id', type=int, help='this process, 0 .. num_processes-1')
+  multihost.add_argument(
+    '--num_processes', type=positive_int, help='number of processes in the job'
+  )
+  multihost.add_argument(
+    '--process_id', type=nonnegative_int, help='this process, 0 .. num_processes-1'
+  )
   multihost.add_argument(
     '--local_device_ids', help="this process's devices, e.g. 0,1 (default: all)"
   )
-  p.set_defaults(func=cmd_train, takes_overrides=True)
+  p.set_defaults(func=cmd_train, takes_overrides=True, exit_promptly=True)
 
   p = commands.add_parser('bench', help='training/sampling throughput and FLOP utilisation')
   p.add_argument('--config', required=True, help='config file, e.g. configs/celeba64_original.py')
-  p.add_argument('--batch', type=int, help='batch size (default: train.batch_size)')
+  p.add_argument('--batch', type=positive_int, help='batch size (default: train.batch_size)')
   p.add_argument('--what', default='train,sample', help='comma-separated: train,sample')
   p.add_argument('--sampler', help='ddpm | ddim | dpm++ (default: sample.sampler)')
-  p.add_argument('--steps', type=int, help='sampling steps (default: sample.steps)')
-  p.add_argument('--guidance', type=float, help='CFG weight w (default: sample.guidance)')
-  p.add_argument('--repeats', type=int, default=5, help='timed runs after one warm-up')
-  p.add_argument('--peak-tflops', type=float, help='peak to report utilisation against')
+  p.add_argument('--steps', type=positive_int, help='sampling steps (default: sample.steps)')
+  p.add_argument('--guidance', type=guidance_weight, help='CFG weight w (default: sample.guidance)')
+  p.add_argument('--repeats', type=positive_int, default=5, help='timed runs after one warm-up')
+  p.add_argument('--peak-tflops', type=positive_float, help='peak to report utilisation against')
   p.add_argument('--out', help='write the results as JSON here')
   p.set_defaults(func=cmd_bench, takes_overrides=True)
 
@@ -339,21 +391,25 @@ def build_parser():
     "unspecified attributes stay 0 ('' = unconditional)",
   )
   p.add_argument('--attributes-file', help='one attribute string per line: one grid row each')
-  p.add_argument('--num', type=int, default=8, help='images per attribute row')
+  p.add_argument('--num', type=positive_int, default=8, help='images per attribute row')
   p.add_argument('--sampler', help='ddpm | ddim | dpm++ (default: sample.sampler)')
-  p.add_argument('--eta', type=float, help='DDIM noise, 0 = deterministic (default: sample.eta)')
+  p.add_argument(
+    '--eta', type=nonnegative_float, help='DDIM noise, 0 = deterministic (default: sample.eta)'
+  )
   p.add_argument('--guidance', help='CFG weight w, or a list "1,2,4": one row per w, same noise')
-  p.add_argument('--seed', type=int, default=0, help='image i starts from noise i of this seed')
+  p.add_argument(
+    '--seed', type=nonnegative_int, default=0, help='image i starts from noise i of this seed'
+  )
   p.set_defaults(func=cmd_sample)
 
   p = commands.add_parser('interpolate', help='move attributes smoothly with the identity held')
   _add_generation_flags(p)
   p.add_argument('--from', dest='start', default='', help='attributes of the first frame')
   p.add_argument('--to', dest='end', default='', help='attributes of the last frame')
-  p.add_argument('--frames', type=int, default=8)
+  p.add_argument('--frames', type=at_least_two, default=8)
   p.add_argument('--seeds', default='0', help='one row per seed: image 0 of `fdiff sample --seed`')
   p.add_argument('--sampler', help='ddim | dpm++, deterministic (default: sample.sampler)')
-  p.add_argument('--guidance', type=float, help='CFG weight w (default: sample.guidance)')
+  p.add_argument('--guidance', type=guidance_weight, help='CFG weight w (default: sample.guidance)')
   p.add_argument('--gif', help='also write an animation here')
   p.set_defaults(func=cmd_interpolate)
 
@@ -371,9 +427,9 @@ def build_parser():
     '--classifier', help='classifier workdir for --source auto (default: WORKDIR/classifier)'
   )
   p.add_argument('--method', default='inversion', help='inversion (DDIM) | sdedit')
-  p.add_argument('--strength', type=float, default=0.5, help='sdedit: fraction of T to noise to')
-  p.add_argument('--guidance', type=float, help='CFG weight w (default: sample.guidance)')
-  p.add_argument('--seed', type=int, default=0, help='sdedit noise')
+  p.add_argument('--strength', type=fraction, default=0.5, help='sdedit: fraction of T to noise to')
+  p.add_argument('--guidance', type=guidance_weight, help='CFG weight w (default: sample.guidance)')
+  p.add_argument('--seed', type=nonnegative_int, default=0, help='sdedit noise')
   p.set_defaults(func=cmd_edit)
 
   p = commands.add_parser(
@@ -383,7 +439,7 @@ def build_parser():
     '--config', required=True, help='config file of the dataset, e.g. configs/digits.py'
   )
   p.add_argument('--workdir', required=True, help='classifier workdir (config + checkpoints)')
-  p.set_defaults(func=cmd_train_classifier, takes_overrides=True)
+  p.set_defaults(func=cmd_train_classifier, takes_overrides=True, exit_promptly=True)
 
   p = commands.add_parser('evaluate', help='FID, classifier FD and attribute accuracy vs guidance')
   p.add_argument(
@@ -393,11 +449,13 @@ def build_parser():
     help='training workdir; repeat to compare runs side by side',
   )
   p.add_argument('--classifier', required=True, help='workdir of `fdiff train-classifier`')
-  p.add_argument('--num-samples', type=int, default=1000, help='samples per run and guidance')
+  p.add_argument(
+    '--num-samples', type=positive_int, default=1000, help='samples per run and guidance'
+  )
   p.add_argument('--sampler', default='dpm++', help='ddpm | ddim | dpm++')
-  p.add_argument('--steps', type=int, help='sampling steps (default: sample.steps)')
+  p.add_argument('--steps', type=positive_int, help='sampling steps (default: sample.steps)')
   p.add_argument('--guidance', default='0,1,2,4', help='CFG weights to sweep, e.g. 0,1,2,4')
-  p.add_argument('--seed', type=int, default=0, help='noise and conditioning vectors')
+  p.add_argument('--seed', type=nonnegative_int, default=0, help='noise and conditioning vectors')
   p.add_argument('--out-dir', help='where the report goes (default: FIRST_WORKDIR/eval)')
   p.add_argument(
     '--inception-weights',
@@ -405,20 +463,24 @@ def build_parser():
     '.npz (default: the cache, downloaded once when online)',
   )
   p.add_argument('--no-fid', action='store_true', help='skip FID (no Inception weights needed)')
-  p.add_argument('--batch-size', type=int, default=256, help='images per compiled batch')
+  p.add_argument('--batch-size', type=positive_int, default=256, help='images per compiled batch')
   p.add_argument(
     '--interp-strips',
-    type=int,
+    type=nonnegative_int,
     default=8,
     help='interpolation strips per run and guidance, one attribute each (0 skips them)',
   )
-  p.add_argument('--interp-frames', type=int, default=8, help='frames per interpolation strip')
+  p.add_argument(
+    '--interp-frames', type=at_least_two, default=8, help='frames per interpolation strip'
+  )
   p.set_defaults(func=cmd_evaluate)
 
   p = commands.add_parser('export', help='write a workdir with the config and EMA parameters only')
   p.add_argument('--workdir', required=True, help='training workdir (config + checkpoints)')
   p.add_argument('--out', required=True, help='new folder; use it as --workdir of any sampler')
-  p.add_argument('--checkpoint-step', type=int, help='checkpoint to export (default: latest)')
+  p.add_argument(
+    '--checkpoint-step', type=nonnegative_int, help='checkpoint to export (default: latest)'
+  )
   p.set_defaults(func=cmd_export)
 
   p = commands.add_parser('demo', help='an interactive page: sample, interpolate, edit (gradio)')
@@ -443,8 +505,8 @@ def build_parser():
   )
   p = data.add_parser('synth-celeba', help='write a synthetic CelebA in the official file layout')
   p.add_argument('dir')
-  p.add_argument('--num', type=int, default=2000)
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--num', type=positive_int, default=2000)
+  p.add_argument('--seed', type=nonnegative_int, default=0)
   p.add_argument('--layout', choices=('official', 'kaggle'), default='official')
   p.set_defaults(func=cmd_synth_celeba)
   return parser
@@ -461,6 +523,7 @@ def main(argv=None):
     )
   except SystemExit as e:  # --help, or a flag error already printed as one line.
     return e.code
+  code = 0
   try:
     if getattr(args, 'takes_overrides', False):
       args.func(args, _config_overrides(unknown))
@@ -470,8 +533,29 @@ def main(argv=None):
       args.func(args)
   except UserError as e:
     print(f'fdiff: error: {e}', file=sys.stderr)
-    return 2
-  return 0
+    code = 2
+  if argv is None and getattr(args, 'exit_promptly', False):
+    _exit_now(code)
+  return code
+
+
+def _exit_now(code):
+  """Ends a training command at once: its checkpoints are committed and its logs written.
+
+  Interpreter teardown after training (TF/XLA threads and objects) takes many
+  seconds; a preempted job has little grace time, so skip it.
+  """
+  import logging
+
+  if 'jax' in sys.modules:
+    import jax
+
+    if jax.process_count() > 1:
+      jax.distributed.shutdown()
+  logging.shutdown()  # Flushes absl's handlers.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 if __name__ == '__main__':

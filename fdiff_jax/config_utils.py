@@ -123,16 +123,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in (
     'train.batch_size',
     'train.num_steps',
+    'train.log_every',
+    'train.checkpoint_every',
+    'train.keep_checkpoints',
+    'train.sample_every',
     'sample.steps',
+    'sample.grid_size',
     'diffusion.timesteps',
     'data.image_size',
     'model.ch',
     'model.num_heads',
+    'classifier.batch_size',
+    'classifier.num_steps',
+    'classifier.log_every',
+    'classifier.checkpoint_every',
+    'classifier.keep_checkpoints',
   ):
     value = _get(config, key)
     if value is not None and value < 1:
       raise UserError(f'config.{key} = {value} must be at least 1')
+  if config.sample.steps > config.diffusion.timesteps:
+    raise UserError(
+      f'config.sample.steps = {config.sample.steps} must be at most '
+      f'config.diffusion.timesteps = {config.diffusion.timesteps}'
+    )
   m, size = config.model, config.data.image_size
+  if not m.ch_mult or any(not isinstance(k, int) or k < 1 for k in m.ch_mult):
+    raise UserError(
+      f'config.model.ch_mult = {tuple(m.ch_mult)} must be one or more whole numbers >= 1, '
+      'e.g. (1, 2, 2)'
+    )
+  _check_grid_prompts(config)
   downsamplings = len(m.ch_mult) - 1
   if size % 2**downsamplings:
     raise UserError(
@@ -149,6 +170,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'config.model.num_heads = {m.num_heads} must divide the channels of every '
       f'level with attention, {attended}'
     )
+
+
+def _check_grid_prompts(config):
+  """Every training-grid prompt names attributes the configured dataset has."""
+  from fdiff_jax.data import attributes, sources  # Imports TensorFlow; only validate needs it.
+
+  names = sources.dataset_spec(config).attribute_names
+  if not config.model.conditional:
+    return
+  for prompt in config.sample.grid_prompts:
+    try:
+      attributes.parse_attributes(prompt, names)
+    except UserError as e:
+      raise UserError(
+        f'config.sample.grid_prompts has {prompt!r}: {e} (dataset {config.data.dataset!r})'
+      ) from None
 
 
 def _get(config, dotted_key):

@@ -381,6 +381,7 @@ def evaluate(
   if min_train_support < 1:
     raise UserError(f'min_train_support = {min_train_support}: give at least 1')
   out_dir = out_dir or os.path.join(workdirs[0], 'eval')
+  images.check_writable(out_dir, 'report folder', folder=True)  # Before any sampling.
   settings = Settings(
     num_samples=num_samples,
     sampler=sampler,

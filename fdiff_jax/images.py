@@ -7,6 +7,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from fdiff_jax.errors import UserError
+
 
 def to_uint8(images):
   """[-1, 1] float -> uint8, rounding to nearest."""
@@ -40,10 +42,39 @@ def write_atomically(path, save):
   buffer = io.BytesIO()
   save(buffer)
   target = epath.Path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / (target.name + '.tmp')
-  tmp.write_bytes(buffer.getvalue())
-  tmp.replace(target)
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(target)
+  except OSError as e:
+    try:
+      tmp.unlink(missing_ok=True)
+    except OSError:
+      pass
+    raise UserError(f'cannot write {path} ({e.strerror or e}); choose another path') from None
+
+
+def check_writable(path, what, folder=False):
+  """Raises a UserError, before any work, if `path` (a file, or a `folder`) cannot be written.
+
+  Refuses a file path that is a folder, a folder path that is a file, a parent
+  that is a file, and a place without write permission. URLs are not checked.
+  """
+  if not path or '://' in str(path):
+    return
+  path = os.path.abspath(path)
+  if os.path.isdir(path) and not folder:
+    raise UserError(f'{what} {path} is a folder; give a file name inside it')
+  if os.path.exists(path) and folder and not os.path.isdir(path):
+    raise UserError(f'{what} {path} is a file; give a folder')
+  existing = path if folder and os.path.isdir(path) else os.path.dirname(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f'{what} {path} is under {existing}, which is a file; choose another path')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f'{what} {path}: no permission to write in {existing}; choose another path')
 
 
 def _scaled(image, scale):

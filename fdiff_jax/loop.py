@@ -110,13 +110,23 @@ def _check_finite(pending, manager, section):
       )
 
 
-def _start(manager, init_fn, sharding):
-  """The latest checkpoint's state if there is one, else `init_fn()`; replicated by `sharding`."""
-  if manager.latest_step() is None:
-    return init_once(init_fn, sharding)
-  state = checkpoints.restore(manager, checkpoints.abstract_state(init_fn, sharding))
-  logging.info('Resumed from step %d', int(state.step))
-  return state
+def _start(manager, init_fn, sharding, workdir):
+  """The latest good checkpoint's state if there is one, else `init_fn()`; replicated.
+
+  A damaged step (see `checkpoints.restore`) is moved to WORKDIR/damaged_checkpoints
+  and the step before it is tried, so a run resumes without anyone deleting files.
+  """
+  abstract = checkpoints.abstract_state(init_fn, sharding)
+  while (step := manager.latest_step()) is not None:
+    try:
+      state = checkpoints.restore(manager, abstract, step)
+    except checkpoints.DamagedCheckpoint as e:
+      moved = checkpoints.set_aside(manager, step, workdir)
+      logging.warning('%s; moved it to %s, resuming from an earlier checkpoint if any', e, moved)
+      continue
+    logging.info('Resumed from step %d', int(state.step))
+    return state
+  return init_once(init_fn, sharding)
 
 
 def run(
@@ -141,7 +151,7 @@ def run(
   c = config[section]
   main = parallel.is_main_process()
   manager = checkpoints.checkpoint_manager(workdir, max_to_keep=c.keep_checkpoints)
-  state = _start(manager, init_fn, parallel.replicated(mesh))
+  state = _start(manager, init_fn, parallel.replicated(mesh), workdir)
   start = int(state.step)
   if main:
     checkpoints.save_config(workdir, config)
@@ -180,6 +190,9 @@ def run(
           break
   finally:
     manager.wait_until_finished()
+    checkpoints.write_manifests(manager)
     manager.close()
     writer.flush()
+    if hasattr(data, 'close'):
+      data.close()  # Released in the background: the command may exit right away.
   return state, history

@@ -16,7 +16,7 @@ import optax
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from fdiff_jax import diffusion, images, loop, parallel
+from fdiff_jax import checkpoints, diffusion, images, loop, parallel
 from fdiff_jax.data import attributes as attributes_lib
 from fdiff_jax.data import pipeline, sources
 from fdiff_jax.models import UNet, build_model, init_once
@@ -134,29 +134,35 @@ def train_diffusion(
   model = build_model(config.model, len(names))
   tx = make_optimizer(config.train)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
-  # The data first: a missing or broken dataset stops the run before the workdir is touched.
+  init_fn = functools.partial(initial_state, config, model, tx)
+  # The data and the workdir's checkpoints first: a broken dataset or a changed
+  # config stops the run before the workdir is touched.
   with parallel.main_process_first('prepare_dataset'):  # Once, also on a shared data_dir.
     train_split = sources.open_split(config, config.data.train_split)
+  checkpoints.check_resumable(workdir, init_fn)
 
-  writer = loop.create_writer(workdir)
-  grid_rows = len(grid_attributes(config, names)[0])
-  grid_sampler = None  # Built at the first grid, then reused: it compiles once.
+  with checkpoints.workdir_lock(workdir):
+    writer = loop.create_writer(workdir)
+    grid_rows = len(grid_attributes(config, names)[0])
+    grid_sampler = None  # Built at the first grid, then reused: it compiles once.
 
-  def sample_grid(step, state):
-    nonlocal grid_sampler
-    if step % config.train.sample_every == 0 or step == config.train.num_steps:
-      grid_sampler = grid_sampler or Sampler(config, model, state.ema_params, batch_size=grid_rows)
-      write_sample_grid(state, names, writer, workdir, grid_sampler)
+    def sample_grid(step, state):
+      nonlocal grid_sampler
+      if step % config.train.sample_every == 0 or step == config.train.num_steps:
+        grid_sampler = grid_sampler or Sampler(
+          config, model, state.ema_params, batch_size=grid_rows
+        )
+        write_sample_grid(state, names, writer, workdir, grid_sampler)
 
-  _, history = loop.run(
-    config,
-    'train',
-    workdir,
-    functools.partial(initial_state, config, model, tx),
-    jit_train_step(config, model, tx, schedule, mesh),
-    lambda start: pipeline.create_train_iterator(config, start_step=start, split=train_split),
-    mesh,
-    writer,
-    on_step=sample_grid,
-  )
+    _, history = loop.run(
+      config,
+      'train',
+      workdir,
+      init_fn,
+      jit_train_step(config, model, tx, schedule, mesh),
+      lambda start: pipeline.create_train_iterator(config, start_step=start, split=train_split),
+      mesh,
+      writer,
+      on_step=sample_grid,
+    )
   return history

@@ -1,9 +1,14 @@
-"""Runs an `fdiff` command in a subprocess and preempts it with SIGTERM once it trains."""
+"""Runs an `fdiff` command in a subprocess and preempts it with SIGTERM once it trains.
+
+`python tests/preemption.py` also measures how long `fdiff train` takes to exit
+after SIGTERM (see docs/robustness.md).
+"""
 
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from fdiff_jax import checkpoints
@@ -11,8 +16,8 @@ from fdiff_jax import checkpoints
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def sigterm_after_first_loss(args: list[str], workdir: str) -> list[int]:
-  """The checkpoint steps left after SIGTERM at the first logged loss; the exit must be clean."""
+def _preempt(args: list[str]) -> tuple[subprocess.Popen, str, float]:
+  """(process, its output, seconds from SIGTERM to exit); SIGTERM at the first logged loss."""
   proc = subprocess.Popen(
     [sys.executable, '-m', 'fdiff_jax', *args],
     cwd=REPO,
@@ -24,11 +29,37 @@ def sigterm_after_first_loss(args: list[str], workdir: str) -> list[int]:
   for line in proc.stdout:  # Wait until training is under way, then preempt.
     if 'loss=' in line or time.time() > deadline:
       break
+  start = time.perf_counter()
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
+  return proc, out, time.perf_counter() - start
+
+
+def sigterm_after_first_loss(args: list[str], workdir: str) -> list[int]:
+  """The checkpoint steps left after SIGTERM at the first logged loss; the exit must be clean."""
+  proc, out, _ = _preempt(args)
   assert proc.returncode == 0, out[-3000:]
   manager = checkpoints.checkpoint_manager(workdir)
   try:
     return list(manager.all_steps())
   finally:
     manager.close()
+
+
+def main():
+  """Prints the seconds `fdiff train` (configs/test.py, synthetic CelebA) needs to exit after SIGTERM."""
+  from fdiff_jax.data.synth_celeba import write_synthetic_celeba
+
+  root = tempfile.mkdtemp(prefix='fdiff_sigterm_')
+  write_synthetic_celeba(os.path.join(root, 'files'), num=20)
+  for run in range(3):
+    args = ['train', '--config', 'configs/test.py', '--workdir', os.path.join(root, f'w{run}')]
+    args += [f'--config.data.manual_dir={root}/files', f'--config.data.data_dir={root}/tfds']
+    args += [f'--config.train.{k}=100000' for k in ('num_steps', 'checkpoint_every')]
+    args += ['--config.train.sample_every=100000', '--config.train.log_every=1']
+    proc, _, seconds = _preempt(args)
+    print(f'run {run}: exit code {proc.returncode}, {seconds:.1f} s from SIGTERM to exit')
+
+
+if __name__ == '__main__':
+  main()

@@ -309,8 +309,8 @@ def test_classifier_of_another_dataset_is_a_one_line_error(setup, tmp_path, caps
 @pytest.mark.parametrize(
   'flags, message',
   [
-    (('--interp-frames', '1'), '--interp-frames >= 2'),
-    (('--interp-strips', '-1'), '--interp-strips >= 0'),
+    (('--interp-frames', '1'), "argument --interp-frames: '1' is not a whole number >= 2"),
+    (('--interp-strips', '-1'), "argument --interp-strips: '-1' is not a whole number >= 0"),
     (('--sampler', 'ddpm'), 'deterministic sampler'),
   ],
 )

@@ -9,11 +9,13 @@ Google Drive, which fails for most people; this path needs no network.
 
 import dataclasses
 import hashlib
+import io
 import os
 import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from fdiff_jax.data.attributes import CELEBA_ATTRIBUTES
 from fdiff_jax.errors import UserError
@@ -204,20 +206,48 @@ class CelebaFiles(tfds.core.GeneratorBasedBuilder):
 
 
 def _read_images(images: str, members: dict[str, str], files: list[str]):
-  """Yields (file name, JPEG bytes) from the zip or the folder, unchanged."""
+  """Yields (file name, JPEG bytes) from the zip or the folder, unchanged, each checked.
+
+  Every image is decoded once here, so a damaged one stops the preparation
+  with its name instead of failing (or hanging) inside training's decoder.
+  """
   if images.endswith('.zip'):
-    with zipfile.ZipFile(images) as archive:
+    with _open_zip(images) as archive:
       for name in files:
-        yield name, archive.read(members[name])
+        where = f'{members[name]} in {images}'
+        try:
+          data = archive.read(members[name])
+        except (zipfile.BadZipFile, OSError) as e:  # CRC mismatch, truncated member.
+          raise UserError(f'{where} cannot be read ({e}); re-download {images}') from None
+        yield name, _checked_jpeg(data, where, images)
   else:
     for name in files:
       with open(members[name], 'rb') as f:
-        yield name, f.read()
+        yield name, _checked_jpeg(f.read(), members[name], members[name])
+
+
+def _checked_jpeg(data: bytes, where: str, source: str) -> bytes:
+  """`data` if it decodes completely as an image, else a UserError naming `where`."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+  except (OSError, SyntaxError, ValueError) as e:  # Truncated, or not an image at all.
+    raise UserError(
+      f'{where} is a damaged image ({e}); replace it (re-download {source}) and run again'
+    ) from None
+  return data
+
+
+def _open_zip(path: str) -> zipfile.ZipFile:
+  try:
+    return zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, OSError) as e:
+    raise UserError(f'{path} is not a readable zip file ({e}); re-download it') from None
 
 
 def _image_members(images: str) -> dict[str, str]:
   """Maps each JPEG's file name to its zip member or file path."""
   if images.endswith('.zip'):
-    with zipfile.ZipFile(images) as archive:
+    with _open_zip(images) as archive:
       return {os.path.basename(m): m for m in archive.namelist() if m.endswith('.jpg')}
   return {name: os.path.join(images, name) for name in os.listdir(images)}

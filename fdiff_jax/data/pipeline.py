@@ -66,11 +66,17 @@ class _Batches:
 
   tf.data threads still running the Python fetch when Python shuts down
   deadlock the exit; `_close_all` at exit releases the pipelines first.
+  Releasing one waits for its in-flight elements and holds up the main
+  thread, seconds on a busy host, so `close()` only retires it: it is released
+  when the next pipeline starts or at exit, and a training command that ends
+  with `os._exit` after its last checkpoint never waits for it.
   """
 
   _live = weakref.WeakSet()
+  _retired = []  # At most one closed, not yet released tf.data iterator.
 
   def __init__(self, dataset: tf.data.Dataset):
+    _Batches._retired.clear()
     self._iterator = dataset.as_numpy_iterator()
     self._live.add(self)
 
@@ -80,16 +86,28 @@ class _Batches:
   def __next__(self) -> dict:
     if self._iterator is None:
       raise StopIteration
-    return next(self._iterator)
+    try:
+      return next(self._iterator)
+    except tf.errors.InvalidArgumentError as e:  # A stored image the decoder cannot read.
+      self.close()
+      message = ' '.join(e.message.split())
+      raise UserError(
+        f'an image of the dataset cannot be decoded ({message[:200]}); prepare the '
+        'dataset again from intact files (delete its folder in config.data.data_dir)'
+      ) from None
 
   def close(self):
+    """Stops reading; the tf.data iterator is retired (see the class docstring)."""
+    if self._iterator is not None:
+      _Batches._retired[:] = [self._iterator]
     self._iterator = None
 
 
 @atexit.register
 def _close_all():
+  _Batches._retired.clear()  # pylint: disable=protected-access
   for batches in list(_Batches._live):  # pylint: disable=protected-access
-    batches.close()
+    batches._iterator = None  # pylint: disable=protected-access
 
 
 def _per_process_batch(global_batch: int) -> int:

@@ -7,6 +7,7 @@ shuffle, shard and resume without reading through earlier examples.
 
 import contextlib
 import dataclasses
+import socket
 from collections.abc import Callable
 
 import numpy as np
@@ -68,12 +69,36 @@ def _quiet_progress():
     tfds.display_progress_bar(True)
 
 
+# Where TFDS catalog datasets download from; checked before a download starts.
+TFDS_DOWNLOAD_HOST = ('storage.googleapis.com', 443)
+
+
+def _check_reachable(name, data_dir):
+  """A UserError at once when the download host is unreachable (TFDS would retry for minutes)."""
+  try:
+    socket.create_connection(TFDS_DOWNLOAD_HOST, timeout=5).close()
+  except OSError as e:
+    raise UserError(
+      f'TFDS {name} is not prepared in {data_dir or "~/tensorflow_datasets"} and downloading '
+      f'it needs a network ({TFDS_DOWNLOAD_HOST[0]} is unreachable: {e}); connect to the '
+      'internet once, or set config.data.data_dir to a folder where it is prepared'
+    ) from None
+
+
+def _downloads(builder):
+  """Whether `download_and_prepare` is TFDS's own (`tfds.testing.mock_data` replaces it)."""
+  method = type(builder).download_and_prepare
+  return method.__module__.startswith('tensorflow_datasets.core')
+
+
 def _prepare_tfds(name):
   """Returns a `prepare` for a TFDS catalog dataset (downloads once)."""
 
   def prepare(manual_dir, data_dir):
     del manual_dir  # Catalog datasets download their own files.
     builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    if not builder.is_prepared() and _downloads(builder):
+      _check_reachable(name, data_dir)
     try:
       with _quiet_progress():
         builder.download_and_prepare()

@@ -41,10 +41,33 @@ class _LazyTensor:
   def __init__(self, storage, offset, size, stride):
     self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
-  def materialize(self, storages):
-    """A numpy copy of the strided view into storages[key]."""
+  def materialize(self, storages, name):
+    """A numpy copy of the strided view into storages[key], checked against its bounds.
+
+    Every size, stride and the offset must be non-negative integers and the last
+    element the view reaches must lie inside the storage; a crafted file could
+    otherwise make `as_strided` read (or crash on) memory outside it.
+    """
     key, dtype = self.storage
+    if key not in storages:
+      raise ValueError(f'tensor {name!r} refers to storage {key!r}, which the file lacks')
     flat = storages[key]
+    numbers = (self.offset, *self.size, *self.stride)
+    if len(self.stride) != len(self.size) or not all(
+      isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers
+    ):
+      raise ValueError(
+        f'tensor {name!r} has a malformed layout (offset {self.offset!r}, size '
+        f'{self.size!r}, stride {self.stride!r})'
+      )
+    if 0 in self.size:
+      return np.zeros(self.size, dtype)
+    last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+    if last >= len(flat):
+      raise ValueError(
+        f'tensor {name!r} (size {self.size}, stride {self.stride}, offset {self.offset}) '
+        f'reaches element {last} of a storage of {len(flat)}'
+      )
     if not self.size:
       return flat[self.offset].copy()
     return np.array(
@@ -108,10 +131,13 @@ def _read_zip(path):
     prefix = pickle_name[: -len('data.pkl')]
     unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickle_name)))
     result = unpickler.load()
-    storages = {
-      key: np.frombuffer(archive.read(f'{prefix}data/{key}'), dtype)
-      for key, dtype in unpickler.storages.items()
-    }
+    storages = {}
+    for key, dtype in unpickler.storages.items():
+      try:
+        data = archive.read(f'{prefix}data/{key}')
+      except KeyError:
+        raise ValueError(f'{path} lacks storage {prefix}data/{key}') from None
+      storages[key] = np.frombuffer(data[: len(data) // dtype.itemsize * dtype.itemsize], dtype)
   return result, storages
 
 
@@ -132,20 +158,37 @@ def _read_legacy(path):
     result = unpickler.load()
     storages = {}
     for key in _RestrictedUnpickler(f).load():
+      if str(key) not in unpickler.storages:
+        raise ValueError(f'{path} lists storage {key!r}, which no tensor uses')
       dtype = unpickler.storages[str(key)]
-      (numel,) = struct.unpack('<q', f.read(8))
-      storages[str(key)] = np.frombuffer(f.read(numel * dtype.itemsize), dtype)
+      header = f.read(8)
+      numel = struct.unpack('<q', header)[0] if len(header) == 8 else -1
+      data = f.read(numel * dtype.itemsize) if numel >= 0 else b''
+      if numel < 0 or len(data) != numel * dtype.itemsize:
+        raise ValueError(f'{path} is truncated or malformed at storage {key!r}')
+      storages[str(key)] = np.frombuffer(data, dtype)
   return result, storages
 
 
 def load_state_dict(path):
-  """{name: np.ndarray} of a torch state dict file, never executing code from it."""
-  result, storages = (_read_zip if zipfile.is_zipfile(path) else _read_legacy)(path)
+  """{name: np.ndarray} of a torch state dict file, never executing code from it.
+
+  Damaged or crafted files raise ValueError (or UnsafeWeightsError), never read
+  outside the file's own bytes.
+  """
+  try:
+    result, storages = (_read_zip if zipfile.is_zipfile(path) else _read_legacy)(path)
+  except (UnsafeWeightsError, ValueError):
+    raise
+  except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, TypeError, KeyError) as e:
+    raise ValueError(
+      f'{path} is damaged or not a tensor state dict ({type(e).__name__}: {e})'
+    ) from None
   if not isinstance(result, dict):
     raise ValueError(f'{path} holds a {type(result).__name__}, not a state dict')
   arrays = {}
   for name, value in result.items():
     if not isinstance(value, _LazyTensor):
       raise ValueError(f'{path}: entry {name!r} is not a tensor')
-    arrays[name] = value.materialize(storages)
+    arrays[name] = value.materialize(storages, name)
   return arrays
