@@ -103,3 +103,11 @@ def get_config():
   classifier.checkpoint_every = 1000
   classifier.keep_checkpoints = 2
   return config
+
+
+def unconditional(config):
+  """`config`'s unconditional baseline: no attribute input, no condition dropout, w = 1."""
+  config.model.conditional = False
+  config.diffusion.update(p_uncond=0.0, p_attr_drop=0.0, p_partial=0.0)
+  config.sample.guidance = 1.0
+  return config

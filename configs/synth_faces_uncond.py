@@ -6,16 +6,12 @@ which is an eighth of the way through its own schedule, so the comparison favour
 baseline (docs/synth_faces.md).
 """
 
-from configs import synth_faces
+from configs import default, synth_faces
 
 
 def get_config():
-  config = synth_faces.get_config()
-  config.model.conditional = False
-  config.diffusion.p_uncond = 0.0
-  config.diffusion.p_partial = 0.0
+  config = default.unconditional(synth_faces.get_config())
   config.train.num_steps = 1000
   config.train.sample_every = 1000
-  config.sample.guidance = 1.0
   config.sample.grid_prompts = ('',)
   return config

@@ -7,6 +7,7 @@ are checked here on a tiny classifier too.
 import json
 import os
 
+import faces
 import jax
 import numpy as np
 import pytest
@@ -92,9 +93,7 @@ def test_one_hot_accuracy_scores_only_the_asked_class():
 
 @pytest.fixture(scope='module')
 def small_celeba(tmp_path_factory):
-  root = tmp_path_factory.mktemp('small_celeba')
-  write_synthetic_celeba(str(root / 'files'), num=60, seed=0)
-  return str(root / 'files'), str(root / 'tfds')
+  return faces.synthetic_celeba(tmp_path_factory.mktemp('small_celeba'), num=60)
 
 
 def tiny_config(celeba_dirs, **classifier_overrides):

@@ -3,6 +3,7 @@
 import os
 import socket
 
+import faces
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,11 +24,13 @@ def workdir(tmp_path_factory):
   A high learning rate and no EMA lag, so that its attributes already change the samples.
   """
   root = tmp_path_factory.mktemp('demo')
-  synth_celeba.write_synthetic_celeba(str(root / 'files'), num=40, seed=0)
-  config = test_config.get_config()
-  config.data.manual_dir, config.data.data_dir = str(root / 'files'), str(root / 'tfds')
-  config.train.update(
-    num_steps=16, learning_rate=3e-3, ema_decay=0.0, checkpoint_every=16, sample_every=16
+  config = faces.config_on(
+    faces.synthetic_celeba(root, num=40),
+    num_steps=16,
+    learning_rate=3e-3,
+    ema_decay=0.0,
+    checkpoint_every=16,
+    sample_every=16,
   )
   train.train_diffusion(config, str(root / 'workdir'))
   return str(root / 'workdir')

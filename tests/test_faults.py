@@ -10,12 +10,12 @@ import os
 import shutil
 import zipfile
 
+import faces
 import numpy as np
 import pytest
 import tensorflow as tf
 from test_inception import write_pth
 
-from configs import test as test_config
 from fdiff_jax import checkpoints, classifier, cli, config_utils, images, train
 from fdiff_jax.data import pipeline, sources
 from fdiff_jax.data.synth_celeba import write_synthetic_celeba
@@ -31,16 +31,13 @@ def one_line_error(capsys):
 
 @pytest.fixture(scope='module')
 def celeba(tmp_path_factory):
-  root = tmp_path_factory.mktemp('faults')
-  write_synthetic_celeba(str(root / 'files'), num=20, seed=0)
-  return str(root / 'files'), str(root / 'tfds')
+  return faces.synthetic_celeba(tmp_path_factory.mktemp('faults'), num=20)
 
 
 def make_config(celeba, **train):
-  config = test_config.get_config()
-  config.data.manual_dir, config.data.data_dir = celeba
-  config.train.update({'num_steps': 4, 'checkpoint_every': 2, 'sample_every': 4, **train})
-  return config
+  return faces.config_on(
+    celeba, **{'num_steps': 4, 'checkpoint_every': 2, 'sample_every': 4, **train}
+  )
 
 
 def train_args(celeba, workdir, *overrides):

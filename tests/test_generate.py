@@ -3,6 +3,7 @@
 import json
 import os
 
+import faces
 import jax
 import numpy as np
 import pytest
@@ -26,11 +27,13 @@ def workdir(tmp_path_factory):
   DDIM inversion barely inverts it, and the reconstruction test would measure nothing.
   """
   root = tmp_path_factory.mktemp('generate')
-  synth_celeba.write_synthetic_celeba(str(root / 'files'), num=60, seed=0)
-  config = test_config.get_config()
-  config.data.manual_dir, config.data.data_dir = str(root / 'files'), str(root / 'tfds')
-  config.train.update(
-    num_steps=300, learning_rate=2e-3, log_every=100, checkpoint_every=300, sample_every=300
+  config = faces.config_on(
+    faces.synthetic_celeba(root, num=60),
+    num_steps=300,
+    learning_rate=2e-3,
+    log_every=100,
+    checkpoint_every=300,
+    sample_every=300,
   )
   train.train_diffusion(config, str(root / 'workdir'))
   return str(root / 'workdir')

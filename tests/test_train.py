@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import faces
 import jax
 import numpy as np
 import pytest
@@ -15,7 +16,6 @@ from preemption import sigterm_after_first_loss
 from configs import test as test_config
 from fdiff_jax import checkpoints, cli, config_utils, diffusion, loop, parallel, train
 from fdiff_jax.data import pipeline
-from fdiff_jax.data.synth_celeba import write_synthetic_celeba
 from fdiff_jax.models import build_model
 from fdiff_jax.train_state import ema_decay, initial_state, learning_rate_schedule, make_optimizer
 
@@ -24,16 +24,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope='module')
 def celeba_dirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp('celeba')
-  write_synthetic_celeba(str(root / 'files'), num=60, seed=0)
-  return str(root / 'files'), str(root / 'tfds')
+  return faces.synthetic_celeba(tmp_path_factory.mktemp('celeba'), num=60)
 
 
-def make_config(celeba_dirs, **train_overrides):
-  config = test_config.get_config()
-  config.data.manual_dir, config.data.data_dir = celeba_dirs
-  config.train.update(train_overrides)
-  return config
+make_config = faces.config_on
 
 
 def final_params(workdir, config):
