@@ -187,7 +187,11 @@ def check_resumable(workdir: str, init_fn: Callable[[], Any]) -> None:
   A changed model config or another kind of workdir is one UserError here,
   before anything is written; a damaged step is left to the training loop.
   """
-  if not (epath.Path(absolute(workdir)) / 'checkpoints').is_dir():
+  exists = (epath.Path(absolute(workdir)) / 'checkpoints').is_dir()
+  # Every process looks before any creates the folder: they must all make the
+  # same orbax calls, whose barriers are matched by count.
+  parallel.barrier('check_resumable')
+  if not exists:
     return
   manager = checkpoint_manager(workdir)
   try:
@@ -252,10 +256,7 @@ def set_aside(manager, step, workdir):
       target = target.parent / f'{step}.{suffix}'
     target.parent.mkdir(parents=True, exist_ok=True)
     _step_dir(manager, step).rename(target)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(f'set_aside_{step}')
+  parallel.barrier(f'set_aside_{step}')
   manager.reload()
   return target
 

@@ -545,12 +545,17 @@ def _exit_now(code):
   Interpreter teardown after training (TF/XLA threads and objects) takes many
   seconds; a preempted job has little grace time, so skip it.
   """
+  import faulthandler
   import logging
 
   if 'jax' in sys.modules:
     import jax
 
     if jax.process_count() > 1:
+      # Every process must reach the shutdown barrier: say so in its log, and
+      # dump the Python stacks if leaving takes long, so a late process shows where.
+      print(f'process {jax.process_index()}: done, leaving the job', file=sys.stderr, flush=True)
+      faulthandler.dump_traceback_later(60, exit=False)
       jax.distributed.shutdown()
   logging.shutdown()  # Flushes absl's handlers.
   sys.stdout.flush()

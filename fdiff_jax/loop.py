@@ -164,7 +164,10 @@ def run(
   try:  # Even when the loss diverges: finish pending saves so the last good one is whole.
     with _Preemption() as preemption:
       for step in range(start + 1, c.num_steps + 1):
-        state, metrics = step_fn(state, parallel.global_batch(next(data), mesh))
+        batch = parallel.global_batch(next(data), mesh)
+        if step == start + 1:
+          parallel.compile_together(f'{section}_step_compiled', step_fn, state, batch)
+        state, metrics = step_fn(state, batch)
         pending.append((step, metrics))
         report(step)
         last = step == c.num_steps

@@ -14,7 +14,7 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
+from absl import flags, logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -133,6 +133,10 @@ def initialize_distributed(
       f'could not join the JAX distributed runtime ({reason}); check that every '
       'process got the same coordinator address and process count'
     ) from None
+  # Orbax's own barriers (checkpoint save, restore, directory creation) then use
+  # the coordination service, with timeouts, instead of device collectives:
+  # those give up after 30 s on CPU (gloo) when one process is late.
+  flags.FLAGS['experimental_orbax_use_distributed_barrier'].parse('true')
   logging.info(
     'Process %d of %d: %d local of %d devices',
     jax.process_index(),
@@ -150,6 +154,19 @@ def barrier(name, timeout_s=BARRIER_TIMEOUT_S):
   long (gloo gives up connecting after 30 s).
   """
   ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
+def compile_together(name, fn, *args):
+  """Compiles jitted `fn` for `args`, then waits until every process has (no-op for one).
+
+  With CPU (gloo) collectives, a process that reaches a program's first
+  collective over 30 s after another makes it fail, and compile times differ a
+  lot between busy hosts; so the first call of such a program starts together.
+  The compiled program is cached: the call that follows does not compile again.
+  """
+  if jax.process_count() > 1:
+    fn.lower(*args).compile()
+    barrier(name)
 
 
 @contextlib.contextmanager

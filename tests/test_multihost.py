@@ -196,6 +196,18 @@ def launch_local(args, log_dir):
   return {'returncode': proc.returncode, 'stderr': err, 'logs': sorted(os.listdir(log_dir))}
 
 
+def launcher_failure(launcher, log_dir):
+  """The launcher's stderr tail and each process log's first traceback and tail."""
+  parts = [launcher['stderr'][-2000:]]
+  for name in launcher['logs']:
+    with open(os.path.join(log_dir, name)) as f:
+      text = f.read()
+    start = text.find('Traceback')
+    first_error = text[start : start + 3000] if start >= 0 else '(no Python traceback)'
+    parts.append(f'--- {name}: first traceback ---\n{first_error}\n--- tail ---\n{text[-2000:]}')
+  return '\n'.join(parts)
+
+
 @pytest.fixture(scope='module')
 def runs(celeba_dirs, tmp_path_factory):
   """Runs the reference, the uninterrupted and the interrupted training; returns what they left."""
@@ -211,7 +223,7 @@ def runs(celeba_dirs, tmp_path_factory):
       train_args(celeba_dirs, workdirs['uninterrupted'], NUM_STEPS, NUM_STEPS),
       str(root / 'launcher_logs'),
     )
-    assert launcher['returncode'] == 0, launcher['stderr'][-3000:]
+    assert launcher['returncode'] == 0, launcher_failure(launcher, str(root / 'launcher_logs'))
     assert reference.wait() == [0], reference.output(0)[-3000:]
   workdir = workdirs['interrupted']
   with start('interrupted', 'sigterm', num_steps=1000, checkpoint_every=2) as job:
