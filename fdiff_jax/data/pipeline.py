@@ -9,6 +9,7 @@ the current one trains (numpy releases the GIL while it copies).
 """
 
 import collections
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -56,20 +57,23 @@ class _Order:
   """
 
   def __init__(self, seed: int, size: int, shuffle: bool, flip: bool):
-    self._seed, self._size, self._shuffle, self._flip = seed, size, shuffle, flip
+    self._seed = seed % 2**64  # SeedSequence takes non-negative integers only.
+    self._size, self._shuffle, self._flip = size, shuffle, flip
     self._epochs = collections.OrderedDict()  # The last few epochs' (permutation, flips).
+    self._lock = threading.Lock()  # Worker threads share the epochs.
 
   def _epoch(self, epoch: int):
-    if epoch not in self._epochs:
-      permutation = flips = None
-      if self._shuffle:
-        permutation = np.random.default_rng((self._seed, 0, epoch)).permutation(self._size)
-      if self._flip:
-        flips = np.random.default_rng((self._seed, 1, epoch)).random(self._size) < 0.5
-      self._epochs[epoch] = permutation, flips
-      while len(self._epochs) > 4:
-        self._epochs.popitem(last=False)
-    return self._epochs[epoch]
+    with self._lock:
+      if epoch not in self._epochs:
+        permutation = flips = None
+        if self._shuffle:
+          permutation = np.random.default_rng((self._seed, 0, epoch)).permutation(self._size)
+        if self._flip:
+          flips = np.random.default_rng((self._seed, 1, epoch)).random(self._size) < 0.5
+        self._epochs[epoch] = permutation, flips
+        while len(self._epochs) > 4:
+          self._epochs.popitem(last=False)
+      return self._epochs[epoch]
 
   def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(example indices, flip flags) of `positions`."""
