@@ -144,7 +144,9 @@ def create_train_iterator(
   """Endless shuffled batches of this process's part of each global batch.
 
   Yields {'image': float32 [B, H, W, C] in [-1, 1], 'attributes': float32
-  [B, A]} with B = config.train.batch_size // jax.process_count().
+  [B, A]} with B = config.train.batch_size // jax.process_count(). The images
+  are the prepared uint8 values mapped back to [-1, 1]: within 1/255 of what
+  `preprocess_image` gives, since they were rounded to uint8 when prepared.
 
   Global batch s holds global positions s*G .. s*G+G-1 (G the global batch).
   Process p reads only positions s*G + p*B .. s*G + p*B + B-1, so the

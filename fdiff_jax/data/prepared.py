@@ -122,8 +122,15 @@ def open_arrays(config, split: str) -> Arrays:
   )
   path = os.path.join(root, f'{name}-{_key(config, split, files)}')
   if not os.path.isdir(path):
-    os.makedirs(root, exist_ok=True)
-    with _locked(os.path.join(root, f'{name}.lock')):
+    try:
+      os.makedirs(root, exist_ok=True)
+      lock = _locked(os.path.join(root, f'{name}.lock'))
+    except OSError as e:
+      raise UserError(
+        f'cannot write the prepared {split} arrays under {root} ({e.strerror}); make it'
+        ' writable or set config.data.data_dir to a writable folder'
+      ) from None
+    with lock:
       if not os.path.isdir(path):  # Not prepared by another run while we waited.
         for stale in glob.glob(os.path.join(root, f'.tmp-{name}-*')):
           shutil.rmtree(stale)  # Left by a killed preparation: nobody else holds the lock.
@@ -159,14 +166,18 @@ def _key(config, split: str, files: list[str]) -> str:
 
 
 @contextlib.contextmanager
+def _holding(f):
+  fcntl.flock(f, fcntl.LOCK_EX)
+  try:
+    yield
+  finally:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
 def _locked(path: str):
-  """Holds an exclusive lock on `path` (released by the OS if the process dies)."""
-  with open(path, 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  """An exclusive lock on `path` (the OS releases it if the process dies); opens it now."""
+  return _holding(open(path, 'a'))  # pylint: disable=consider-using-with
 
 
 def _prepare(source: sources.Split, config, folder: str | None) -> Arrays:
