@@ -123,6 +123,7 @@ class _Prefetch:
 
   def __next__(self) -> dict:
     if not self._pending:
+      self.close()
       raise StopIteration
     try:
       batch = self._pending.popleft().result()
