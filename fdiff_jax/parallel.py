@@ -154,7 +154,12 @@ def barrier(name, timeout_s=BARRIER_TIMEOUT_S):
 
 @contextlib.contextmanager
 def main_process_first(name):
-  """Runs the block on process 0, then on all others: e.g. preparing a dataset on a shared disk."""
+  """Runs the block on process 0, then on all others: e.g. preparing a dataset on a shared disk.
+
+  All processes leave it together, so what follows starts in step: a process
+  still in the block cannot see files that process 0 wrote after it (e.g. a
+  checkpoint folder) and take another path.
+  """
   if not is_main_process():
     barrier(name)
   try:
@@ -162,3 +167,4 @@ def main_process_first(name):
   finally:
     if is_main_process():
       barrier(name)
+    barrier(f'{name}_done')
