@@ -2,7 +2,8 @@
 
 Times the real jitted train step (loss, AdamW, EMA, donated state) and the
 whole jitted sampler with classifier-free guidance on random inputs of the
-configured shape, so no dataset is needed. FLOPs come from XLA's cost
+configured shape, so no dataset is needed (`data` times the input pipeline
+alone on the configured dataset). FLOPs come from XLA's cost
 analysis; utilisation is reported against the accelerator's published peak
 (or --peak-tflops) and, on CPU, against a large float32 matmul timed in the
 same run, a ceiling that moves with the machine's load.
@@ -27,7 +28,9 @@ from fdiff_jax.models import build_model, count_params, init_params
 from fdiff_jax.sampler import Sampler, default_steps
 from fdiff_jax.train_state import make_optimizer
 
-WORKLOADS = ('train', 'sample')
+WORKLOADS = ('train', 'sample')  # Timed model programs.
+ALL_WORKLOADS = (*WORKLOADS, 'data')
+DATA_THREADS = (1, 2, 4)
 MATMUL_SIZE = 2048
 
 # Published dense bf16 peaks (TFLOP/s), matched in order against device_kind.
@@ -47,12 +50,23 @@ PUBLISHED_PEAK_TFLOPS = (
 def parse_workloads(text):
   """'train,sample' -> ('train', 'sample'); anything else is a UserError."""
   names = tuple(w.strip() for w in text.split(',') if w.strip())
-  bad = [w for w in names if w not in WORKLOADS]
+  bad = [w for w in names if w not in ALL_WORKLOADS]
   if bad or not names:
     raise UserError(
-      f'workloads {text!r}: expected a comma-separated subset of {",".join(WORKLOADS)}'
+      f'workloads {text!r}: expected a comma-separated subset of {",".join(ALL_WORKLOADS)}'
     )
   return names
+
+
+def parse_threads(text):
+  """'1,2,4' -> (1, 2, 4); anything else is a UserError."""
+  try:
+    threads = tuple(int(t) for t in text.split(',') if t.strip())
+  except ValueError:
+    threads = ()
+  if not threads or min(threads) < 1:
+    raise UserError(f'threads {text!r}: expected comma-separated positive counts, e.g. 1,2,4')
+  return threads
 
 
 def published_peak_tflops(device_kind):
@@ -185,6 +199,59 @@ def bench_sample(config, model, mesh, batch, repeats, *, sampler, steps, guidanc
   return compile_s, step_flops * steps, time_calls(run, repeats)
 
 
+def bench_data(config, batch, repeats, threads=DATA_THREADS, batches_per_repeat=50):
+  """Images/s of finished training batches from the prepared arrays, per thread count.
+
+  Preparing the TFDS dataset and the arrays is timed first and apart (near 0 s
+  when already prepared). Each thread count gets a fresh iterator, a warm-up
+  of `batches_per_repeat` batches, then `repeats` timed runs of as many.
+  """
+  from fdiff_jax.data import sources  # pylint: disable=import-outside-toplevel
+
+  config = config.copy_and_resolve_references()
+  config.train.batch_size = batch
+  split = config.data.train_split
+  start = time.perf_counter()
+  sources.open_split(config, split)
+  tfds_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  arrays = pipeline.open_arrays(config, split)
+  prepare_seconds = time.perf_counter() - start
+  runs = []
+  for count in threads:
+    batches = pipeline.create_train_iterator(config, arrays=arrays, threads=count)
+    times = []
+    try:
+      for i in range(repeats + 1):  # The first is the warm-up.
+        start = time.perf_counter()
+        for _ in range(batches_per_repeat):
+          next(batches)
+        times.append(time.perf_counter() - start)
+    finally:
+      batches.close()
+    images = batch * batches_per_repeat
+    runs.append(
+      {
+        'threads': count,
+        'images_per_sec': images / statistics.median(times[1:]),
+        'images_per_sec_min': images / max(times[1:]),
+        'images_per_sec_max': images / min(times[1:]),
+      }
+    )
+  return {
+    'dataset': config.data.dataset,
+    'split': split,
+    'examples': len(arrays),
+    'image_shape': list(pipeline.image_shape(config)),
+    'batch': batch,
+    'random_flip': bool(config.data.random_flip),
+    'batches_per_repeat': batches_per_repeat,
+    'tfds_prepare_seconds': tfds_seconds,
+    'prepare_seconds': prepare_seconds,
+    'runs': runs,
+  }
+
+
 def parameter_count(model, image_shape):
   """Number of parameters of `model`, from shapes only."""
   x = jnp.zeros((1,) + tuple(image_shape))
@@ -219,6 +286,7 @@ def run(
   guidance=None,
   repeats=5,
   peak_tflops=None,
+  threads=DATA_THREADS,
 ):
   """Benchmarks the workloads in `what`; returns a JSON-ready dict."""
   if repeats < 1:
@@ -242,7 +310,9 @@ def run(
       'dtype': config.model.dtype,
     },
   }
-  for name in what:
+  if 'data' in what:
+    result['data'] = bench_data(config, batch, repeats, threads)
+  for name in (w for w in what if w in WORKLOADS):
     host_peak_was_reset = reset_host_peak()
     if name == 'train':
       compile_s, flops, times = bench_train(config, model, mesh, batch, repeats)
@@ -277,9 +347,12 @@ def format_table(result):
     f'{m["cpu_count"]} CPUs, load {" ".join(f"{x:.2f}" for x in m["load_average"])}); '
     f'model {result["model"]["params"] / 1e6:.2f}M params, '
     f'{"x".join(map(str, result["model"]["image_shape"]))} {result["model"]["dtype"]}',
-    f'{"":8}{"batch":>6}{"compile s":>10}{"median s (min-max)":>26}{"images/s":>10}'
-    f'{"GFLOP/call":>12}{"TFLOP/s":>9}{"vs peak":>8}{"vs matmul":>10}{"peak mem":>10}',
   ]
+  if any(name in result for name in WORKLOADS):
+    lines.append(
+      f'{"":8}{"batch":>6}{"compile s":>10}{"median s (min-max)":>26}{"images/s":>10}'
+      f'{"GFLOP/call":>12}{"TFLOP/s":>9}{"vs peak":>8}{"vs matmul":>10}{"peak mem":>10}'
+    )
   for name in WORKLOADS:
     if name not in result:
       continue
@@ -301,6 +374,19 @@ def format_table(result):
   if 'sample' in result:
     s = result['sample']
     lines.append(f'sample: {s["sampler"]} {s["steps"]} steps, guidance {s["guidance"]}')
+  if 'data' in result:
+    d = result['data']
+    lines.append(
+      f'data: {d["dataset"]} {d["split"]} ({d["examples"]} examples), '
+      f'{"x".join(map(str, d["image_shape"]))}, batch {d["batch"]}, '
+      f'random flip {"on" if d["random_flip"] else "off"}; prepared in '
+      f'{d["prepare_seconds"]:.1f} s (TFDS {d["tfds_prepare_seconds"]:.1f} s), not counted'
+    )
+    lines.append(f'{"threads":>12}{"images/s (min-max)":>28}')
+    for r in d['runs']:
+      spread = f'{r["images_per_sec"]:.0f} ({r["images_per_sec_min"]:.0f}-'
+      spread += f'{r["images_per_sec_max"]:.0f})'
+      lines.append(f'{r["threads"]:>12}{spread:>28}')
   return '\n'.join(lines)
 
 

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from fdiff_jax import checkpoints, loop, parallel
 from fdiff_jax.batching import map_batches
-from fdiff_jax.data import pipeline, sources
+from fdiff_jax.data import pipeline
 from fdiff_jax.data.attributes import DIGIT_ATTRIBUTES
 from fdiff_jax.errors import UserError
 from fdiff_jax.metrics import fid
@@ -171,8 +171,8 @@ def train_classifier(
   # The data (both splits) and the workdir's checkpoints first: a missing dataset or a
   # changed config stops here, before the workdir is touched.
   with parallel.main_process_first('prepare_dataset'):
-    train_split = sources.open_split(config, config.data.train_split)
-    sources.open_split(config, config.data.eval_split)
+    train_split = pipeline.open_arrays(config, config.data.train_split)
+    pipeline.open_arrays(config, config.data.eval_split)
   checkpoints.check_resumable(workdir, init_fn)
   with checkpoints.workdir_lock(workdir):
     return _train_and_validate(config, workdir, mesh, init_fn, step_fn, data_config, train_split)
@@ -188,7 +188,7 @@ def _train_and_validate(config, workdir, mesh, init_fn, step_fn, data_config, tr
     workdir,
     init_fn,
     step_fn,
-    lambda start: pipeline.create_train_iterator(data_config, start_step=start, split=train_split),
+    lambda start: pipeline.create_train_iterator(data_config, start_step=start, arrays=train_split),
     mesh,
     writer,
   )

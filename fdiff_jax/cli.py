@@ -103,6 +103,7 @@ def cmd_bench(args, overrides):
     guidance=args.guidance,
     repeats=args.repeats,
     peak_tflops=args.peak_tflops,
+    threads=bench.parse_threads(args.threads),
   )
   result['config'] = args.config
   print(bench.format_table(result))
@@ -370,10 +371,19 @@ def build_parser():
   )
   p.set_defaults(func=cmd_train, takes_overrides=True, exit_promptly=True)
 
-  p = commands.add_parser('bench', help='training/sampling throughput and FLOP utilisation')
+  p = commands.add_parser(
+    'bench', help='training/sampling/input-pipeline throughput and FLOP utilisation'
+  )
   p.add_argument('--config', required=True, help='config file, e.g. configs/celeba64_original.py')
   p.add_argument('--batch', type=positive_int, help='batch size (default: train.batch_size)')
-  p.add_argument('--what', default='train,sample', help='comma-separated: train,sample')
+  p.add_argument(
+    '--what',
+    default='train,sample',
+    help='comma-separated: train,sample,data (data: the input pipeline alone, images/s)',
+  )
+  p.add_argument(
+    '--threads', default='1,2,4', help='input pipeline thread counts --what data measures'
+  )
   p.add_argument('--sampler', help='ddpm | ddim | dpm++ (default: sample.sampler)')
   p.add_argument('--steps', type=positive_int, help='sampling steps (default: sample.steps)')
   p.add_argument('--guidance', type=guidance_weight, help='CFG weight w (default: sample.guidance)')

@@ -171,7 +171,12 @@ def compile_together(name, fn, *args):
 
 @contextlib.contextmanager
 def main_process_first(name):
-  """Runs the block on process 0, then on all others: e.g. preparing a dataset on a shared disk."""
+  """Runs the block on process 0, then on all others: e.g. preparing a dataset on a shared disk.
+
+  All processes leave it together, so what follows starts in step: a process
+  still in the block cannot see files that process 0 wrote after it (e.g. a
+  checkpoint folder) and take another path.
+  """
   if not is_main_process():
     barrier(name)
   try:
@@ -179,3 +184,4 @@ def main_process_first(name):
   finally:
     if is_main_process():
       barrier(name)
+    barrier(f'{name}_done')

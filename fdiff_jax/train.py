@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from fdiff_jax import checkpoints, diffusion, images, loop, parallel
 from fdiff_jax.data import attributes as attributes_lib
-from fdiff_jax.data import pipeline, sources
+from fdiff_jax.data import pipeline
 from fdiff_jax.models import UNet, build_model, init_once
 from fdiff_jax.sampler import Sampler
 from fdiff_jax.train_state import (
@@ -138,7 +138,7 @@ def train_diffusion(
   # The data and the workdir's checkpoints first: a broken dataset or a changed
   # config stops the run before the workdir is touched.
   with parallel.main_process_first('prepare_dataset'):  # Once, also on a shared data_dir.
-    train_split = sources.open_split(config, config.data.train_split)
+    train_split = pipeline.open_arrays(config, config.data.train_split)
   checkpoints.check_resumable(workdir, init_fn)
 
   with checkpoints.workdir_lock(workdir):
@@ -160,7 +160,7 @@ def train_diffusion(
       workdir,
       init_fn,
       jit_train_step(config, model, tx, schedule, mesh),
-      lambda start: pipeline.create_train_iterator(config, start_step=start, split=train_split),
+      lambda start: pipeline.create_train_iterator(config, start_step=start, arrays=train_split),
       mesh,
       writer,
       on_step=sample_grid,

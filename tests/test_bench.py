@@ -124,3 +124,34 @@ def test_host_peak_is_per_workload_after_a_reset():
     pytest.skip('no /proc/self/clear_refs on this system')
   after, source = bench.peak_memory(True)
   assert source == 'host_rss' and after < before - 200 * 2**20
+
+
+def test_data_reports_images_per_second_per_thread_count(tmp_path, capsys):
+  import faces  # pylint: disable=import-outside-toplevel
+
+  manual_dir, data_dir = faces.synthetic_celeba(tmp_path, num=20)
+  out = tmp_path / 'data.json'
+  args = ['bench', '--config', CONFIG, '--what', 'data', '--batch', '4', '--repeats', '2']
+  args += ['--threads', '1,3', '--out', str(out)]
+  args += [f'--config.data.manual_dir={manual_dir}', f'--config.data.data_dir={data_dir}']
+  assert cli.main(args) == 0
+  d = json.loads(out.read_text())['data']
+  assert 'train' not in json.loads(out.read_text())  # Only what was asked for.
+  assert (d['dataset'], d['examples'], d['batch'], d['image_shape']) == (
+    'celeba',
+    16,
+    4,
+    [16, 16, 3],
+  )
+  assert [r['threads'] for r in d['runs']] == [1, 3]
+  for r in d['runs']:
+    assert all(math.isfinite(r[k]) and r[k] > 0 for k in ('images_per_sec', 'images_per_sec_min'))
+    assert r['images_per_sec_min'] <= r['images_per_sec'] <= r['images_per_sec_max']
+  assert d['prepare_seconds'] > 0 and d['tfds_prepare_seconds'] > 0
+  assert 'threads' in capsys.readouterr().out
+
+
+def test_bad_threads_is_one_clear_error(capsys):
+  assert cli.main(['bench', '--config', CONFIG, '--what', 'data', '--threads', '0,2']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "threads '0,2'" in err

@@ -13,11 +13,10 @@ import zipfile
 import faces
 import numpy as np
 import pytest
-import tensorflow as tf
 from test_inception import write_pth
 
 from fdiff_jax import checkpoints, classifier, cli, config_utils, images, train
-from fdiff_jax.data import pipeline, sources
+from fdiff_jax.data import prepared, sources
 from fdiff_jax.data.synth_celeba import write_synthetic_celeba
 from fdiff_jax.errors import UserError
 from fdiff_jax.metrics import inception, torch_state_dict
@@ -122,13 +121,15 @@ def test_damaged_celeba_zip_is_refused_before_training(tmp_path, capsys, damage,
   assert not any(p.is_dir() for p in (tmp_path / 'tfds').glob('celeba_files/*'))  # Nothing kept.
 
 
-def test_an_undecodable_stored_image_is_one_line_not_a_hang():
-  bad = tf.data.Dataset.from_tensors(b'not a jpeg').map(lambda x: tf.io.decode_jpeg(x))
-  batches = pipeline._Batches(bad)  # pylint: disable=protected-access
+def test_an_undecodable_stored_image_is_one_line_and_nothing_is_prepared(celeba, tmp_path):
+  config = make_config(celeba)
+  folder = tmp_path / 'prepared'
+  folder.mkdir()
+  example = {'image': b'not a jpeg', 'attributes': np.ones(40, np.float32)}
+  bad = sources.Split([example] * 3, lambda e: e['attributes'])
   with pytest.raises(UserError, match='cannot be decoded'):
-    next(batches)
-  with pytest.raises(StopIteration):  # Closed: nothing left running.
-    next(batches)
+    prepared._prepare(bad, config, str(folder))  # pylint: disable=protected-access
+  assert not (folder / 'attributes.npy').exists()  # Only written once every image decoded.
 
 
 # 2. Damaged checkpoints: detected, named, and skipped by training.

@@ -2,18 +2,21 @@
 
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import configs.default
 from fdiff_jax import data
-from fdiff_jax.data import sources
+from fdiff_jax.data import pipeline, sources
 from fdiff_jax.errors import UserError
 
 NUM = 40  # 32 train, 4 validation, 4 test.
@@ -104,17 +107,29 @@ def test_resume_at_step_equals_skipping(config, start_step):
   _assert_same(reference[start_step:], resumed)
 
 
-def test_resume_does_not_read_the_skipped_batches(config, monkeypatch):
-  reads = []
-  original = sources.Split.__getitem__
+class _CountingImages:
+  """The prepared images, recording which rows are read."""
 
-  def counting(self, index):
-    reads.append(int(index))
-    return original(self, index)
+  def __init__(self, images):
+    self.images, self.rows = images, []
 
-  monkeypatch.setattr(sources.Split, '__getitem__', counting)
-  next(data.create_train_iterator(config, start_step=10_000))
-  assert 0 < len(reads) < 1000  # Skipping replayed would be 80,000 reads.
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, index):
+    self.rows.extend(np.atleast_1d(index).tolist())
+    return self.images[index]
+
+
+def test_resume_does_not_read_the_skipped_batches(config):
+  arrays = pipeline.open_arrays(config, 'train')
+  counting = _CountingImages(arrays.images)
+  batches = data.create_train_iterator(
+    config, start_step=10_000, arrays=pipeline.Arrays(counting, arrays.attributes)
+  )
+  next(batches)
+  batches.close()
+  assert 0 < len(counting.rows) < 1000  # Skipping replayed would be 80,000 reads.
 
 
 def test_flip_mirrors_some_images_and_keeps_attributes(config):
@@ -194,13 +209,88 @@ def test_preprocess_rejects_wrong_channels(config):
     data.preprocess_image(np.zeros((20, 20), np.uint8), config)
 
 
+def _prepared_folders(config, split):
+  size = config.data.image_size
+  pattern = f'fdiff_prepared/celeba_files/*/{split}-{size}px-*'
+  return sorted(map(str, (Path(config.data.data_dir)).glob(pattern)))
+
+
 def test_changed_manual_files_are_prepared_again(config, tmp_path):
   config.data.manual_dir = str(tmp_path / 'manual')
   config.data.data_dir = str(tmp_path / 'tfds')
   data.write_synthetic_celeba(config.data.manual_dir, NUM)
   assert data.num_examples(config, 'train') == 32
+  first = pipeline.open_arrays(config, 'train')
+  assert len(first) == 32
+  [first_folder] = _prepared_folders(config, 'train')
   data.write_synthetic_celeba(config.data.manual_dir, 50)
   assert data.num_examples(config, 'train') == 40
+  again = pipeline.open_arrays(config, 'train')
+  assert len(again) == 40 and len(again.attributes) == 40
+  assert _prepared_folders(config, 'train') != [first_folder]  # The old arrays are gone.
+  assert len(_prepared_folders(config, 'train')) == 1
+
+
+def test_prepared_arrays_hold_the_preprocessed_images(config):
+  arrays = pipeline.open_arrays(config, 'validation')
+  source = sources.open_split(config, 'validation')
+  assert arrays.images.shape == (4, 16, 16, 3) and arrays.images.dtype == np.uint8
+  assert isinstance(arrays.images, np.memmap)  # Read from disk, not kept in memory.
+  for i in range(len(source)):
+    encoded, attributes = source[i]
+    decoded = tf.io.decode_image(encoded, channels=3).numpy()
+    expected = np.round((data.preprocess_image(decoded, config) + 1) * 127.5)
+    np.testing.assert_array_equal(arrays.images[i], expected.astype(np.uint8))
+    np.testing.assert_array_equal(arrays.attributes[i], attributes)
+  batch = next(data.create_eval_iterator(config, batch_size=4))
+  np.testing.assert_allclose(batch['image'], arrays.images / 127.5 - 1, atol=1e-6)
+
+
+def test_a_leftover_temporary_folder_is_ignored_and_removed(config):
+  arrays = pipeline.open_arrays(config, 'test')
+  [folder] = _prepared_folders(config, 'test')
+  leftover = Path(folder).parent / f'.tmp-test-16px-{os.getpid() + 1}'
+  shutil.copytree(folder, leftover)
+  with open(leftover / 'images.npy', 'r+b') as f:  # Half written.
+    f.truncate(os.path.getsize(leftover / 'images.npy') // 2)
+  shutil.rmtree(folder)
+  again = pipeline.open_arrays(config, 'test')
+  np.testing.assert_array_equal(again.images, arrays.images)
+  assert not leftover.exists() and _prepared_folders(config, 'test') == [folder]
+
+
+def test_an_interrupted_preparation_leaves_nothing_that_loads(config, monkeypatch):
+  config.data.image_size = 8  # Not prepared yet at this size.
+  original = sources.Split.__getitem__
+
+  def interrupted(self, index):
+    if index == 20:
+      raise KeyboardInterrupt
+    return original(self, index)
+
+  monkeypatch.setattr(sources.Split, '__getitem__', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.open_arrays(config, 'train')
+  root = Path(config.data.data_dir) / 'fdiff_prepared'
+  assert not list(root.glob('*/*/train-8px-*')) and not list(root.glob('*/*/.tmp-*'))
+  monkeypatch.setattr(sources.Split, '__getitem__', original)
+  assert pipeline.open_arrays(config, 'train').images.shape == (32, 8, 8, 3)
+
+
+def test_flips_are_keyed_by_seed_and_position(config):
+  def mirrored(seed, start_step, steps=4):
+    """Which images of `steps` batches from `start_step` are mirrored."""
+    config.seed = seed
+    config.data.random_flip = False
+    plain = _take(data.create_train_iterator(config, start_step=start_step), steps)
+    config.data.random_flip = True
+    flipped = _take(data.create_train_iterator(config, start_step=start_step), steps)
+    images = zip(_concat(flipped)['image'], _concat(plain)['image'])
+    return [not np.array_equal(a, b) for a, b in images]
+
+  assert mirrored(0, 4) == mirrored(0, 4) == mirrored(0, 0, steps=8)[4 * BATCH :]
+  assert mirrored(0, 4) != mirrored(0, 0)  # Other positions.
+  assert mirrored(0, 4) != mirrored(1, 4)  # Other seed.
 
 
 @pytest.mark.parametrize(

@@ -1,113 +1,39 @@
-"""The tf.data input pipeline: numpy batches of [-1, 1] images and attributes.
+"""The input pipeline: numpy batches of [-1, 1] images and attributes.
 
-Examples are read by index from TFDS array_record files, so the order is a
+Batches are gathered from the prepared uint8 arrays (`prepared.py`: every
+example decoded and resized once) by global position, so the order is a
 pure function of (seed, global position): training can start at any step
 without reading the batches before it, and each process reads only its own
-slots of every global batch.
+slots of every global batch. Worker threads make the next batches while
+the current one trains (numpy releases the GIL while it copies).
 """
 
-import atexit
-import weakref
+import collections
+import threading
 from collections.abc import Iterator
+from concurrent import futures
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from fdiff_jax.data import sources
+from fdiff_jax.data.prepared import (  # noqa: F401  (part of this module's interface)
+  Arrays,
+  attribute_names,
+  image_shape,
+  open_arrays,
+  preprocess_image,
+  to_float,
+)
 from fdiff_jax.errors import UserError
 
-
-def attribute_names(config) -> tuple[str, ...]:
-  """The attribute names of the configured dataset (40 CelebA or 10 digits)."""
-  return sources.dataset_spec(config).attribute_names
-
-
-def image_shape(config) -> tuple[int, int, int]:
-  """(H, W, C) of the images the pipeline yields."""
-  size = config.data.image_size
-  return size, size, sources.dataset_spec(config).channels
-
-
-def preprocess_image(image, config):
-  """uint8 HxWxC image -> float32 [-1, 1] of `image_shape(config)`.
-
-  CelebA is center-cropped to a square, then resized with antialiasing (no
-  squashing); digits are just resized. Takes a tf.Tensor (in the pipeline) or
-  a numpy array (e.g. a user photo to edit) and returns the same kind.
-  """
-  if isinstance(image, np.ndarray):
-    channels = image_shape(config)[-1]
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != channels:
-      raise UserError(
-        f'expected a uint8 HxWx{channels} image, got'
-        f' {image.dtype} {image.shape}; convert it first (e.g.'
-        f" PIL's .convert('{'RGB' if channels == 3 else 'L'}'))."
-      )
-    return preprocess_image(tf.constant(image), config).numpy()
-  if sources.dataset_spec(config).crop_to_square:
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
-    side = tf.minimum(height, width)
-    image = tf.image.crop_to_bounding_box(
-      image, (height - side) // 2, (width - side) // 2, side, side
-    )
-  size = config.data.image_size
-  image = tf.image.resize(image, (size, size), antialias=True)
-  return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
+THREADS = 2  # Worker threads of a training iterator; `fdiff bench --what data` measures more.
+PREFETCH = 4  # Batches made ahead of the one being consumed.
 
 
 def num_examples(config, split: str) -> int:
   """Number of examples in `split` of the configured dataset."""
   return len(sources.open_split(config, split))
-
-
-class _Batches:
-  """Numpy batches of a tf.data pipeline, closed before the interpreter exits.
-
-  tf.data threads still running the Python fetch when Python shuts down
-  deadlock the exit; `_close_all` at exit releases the pipelines first.
-  Releasing one waits for its in-flight elements and holds up the main
-  thread, seconds on a busy host, so `close()` only retires it: it is released
-  when the next pipeline starts or at exit, and a training command that ends
-  with `os._exit` after its last checkpoint never waits for it.
-  """
-
-  _live = weakref.WeakSet()
-  _retired = []  # At most one closed, not yet released tf.data iterator.
-
-  def __init__(self, dataset: tf.data.Dataset):
-    _Batches._retired.clear()
-    self._iterator = dataset.as_numpy_iterator()
-    self._live.add(self)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    if self._iterator is None:
-      raise StopIteration
-    try:
-      return next(self._iterator)
-    except tf.errors.InvalidArgumentError as e:  # A stored image the decoder cannot read.
-      self.close()
-      message = ' '.join(e.message.split())
-      raise UserError(
-        f'an image of the dataset cannot be decoded ({message[:200]}); prepare the '
-        'dataset again from intact files (delete its folder in config.data.data_dir)'
-      ) from None
-
-  def close(self):
-    """Stops reading; the tf.data iterator is retired (see the class docstring)."""
-    if self._iterator is not None:
-      _Batches._retired[:] = [self._iterator]
-    self._iterator = None
-
-
-@atexit.register
-def _close_all():
-  _Batches._retired.clear()  # pylint: disable=protected-access
-  for batches in list(_Batches._live):  # pylint: disable=protected-access
-    batches._iterator = None  # pylint: disable=protected-access
 
 
 def _per_process_batch(global_batch: int) -> int:
@@ -121,71 +47,134 @@ def _per_process_batch(global_batch: int) -> int:
   return global_batch // processes
 
 
-def _loader(config, split: sources.Split, shuffle: bool, flip: bool):
-  """Returns a tf function: global position -> {'image', 'attributes'}.
+class _Order:
+  """Which example, flipped or not, each global position g reads.
 
-  With shuffle, position g reads example permutation_e[g % N] of epoch
-  e = g // N, a stateless `index_shuffle` keyed by (seed, e); with flip, the
-  flip is keyed by (seed, g). Both depend on nothing but g and the seed.
+  Position g reads example permutation_e[g % N] of epoch e = g // N, with
+  permutation_e = `default_rng((seed, 0, e)).permutation(N)`; with flip, it
+  is mirrored where `default_rng((seed, 1, e)).random(N)[g % N] < 0.5`.
+  Both depend on nothing but the seed and g. Without shuffle, g reads g.
   """
-  size, channels = len(split), image_shape(config)[-1]
-  shuffle_key, flip_key = tf.unstack(
-    tf.random.experimental.stateless_split(tf.constant([config.seed, 0], tf.int64), 2)
-  )
 
-  def load(position):
-    index = position % size
-    if shuffle:
-      seed = tf.random.experimental.stateless_fold_in(shuffle_key, position // size)
-      index = tf.random.experimental.index_shuffle(index, seed, size - 1)
-    encoded, attributes = tf.numpy_function(
-      split.__getitem__, [index], (tf.string, tf.float32), stateful=False
-    )
-    image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-    image = preprocess_image(image, config)
-    if flip:
-      seed = tf.random.experimental.stateless_fold_in(flip_key, position)
-      image = tf.cond(
-        tf.random.stateless_uniform([], seed) < 0.5,
-        lambda: tf.image.flip_left_right(image),
-        lambda: image,
-      )
-    attributes.set_shape([len(attribute_names(config))])
-    return {'image': image, 'attributes': attributes}
+  def __init__(self, seed: int, size: int, shuffle: bool, flip: bool):
+    self._seed = seed % 2**64  # SeedSequence takes non-negative integers only.
+    self._size, self._shuffle, self._flip = size, shuffle, flip
+    self._epochs = collections.OrderedDict()  # The last few epochs' (permutation, flips).
+    self._lock = threading.Lock()  # Worker threads share the epochs.
 
-  return load
+  def _epoch(self, epoch: int):
+    with self._lock:
+      if epoch not in self._epochs:
+        permutation = flips = None
+        if self._shuffle:
+          permutation = np.random.default_rng((self._seed, 0, epoch)).permutation(self._size)
+        if self._flip:
+          flips = np.random.default_rng((self._seed, 1, epoch)).random(self._size) < 0.5
+        self._epochs[epoch] = permutation, flips
+        while len(self._epochs) > 4:
+          self._epochs.popitem(last=False)
+      return self._epochs[epoch]
+
+  def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(example indices, flip flags) of `positions`."""
+    epochs, slots = np.divmod(positions, self._size)
+    indices, flips = slots.copy(), np.zeros(len(positions), bool)
+    for epoch in np.unique(epochs):
+      here = epochs == epoch
+      permutation, epoch_flips = self._epoch(int(epoch))
+      if permutation is not None:
+        indices[here] = permutation[slots[here]]
+      if epoch_flips is not None:
+        flips[here] = epoch_flips[slots[here]]
+    return indices, flips
+
+
+def _gather(arrays: Arrays, indices: np.ndarray, flips: np.ndarray) -> dict:
+  """The batch of `indices`, mirrored where `flips`, as float32 [-1, 1]."""
+  images = arrays.images[indices]
+  if flips.any():
+    images[flips] = images[flips, :, ::-1]
+  return {'image': to_float(images), 'attributes': arrays.attributes[indices]}
+
+
+class _Prefetch:
+  """`make(step)` for step in `steps`, computed ahead by worker threads, yielded in order.
+
+  The workers only copy and convert arrays; `close()` (or the interpreter's
+  exit, which joins them) waits at most for the batches in flight.
+  """
+
+  def __init__(self, make, steps, threads: int, depth: int = PREFETCH):
+    if threads < 1:
+      raise UserError(f'the input pipeline needs at least 1 thread, got {threads}')
+    self._make, self._steps = make, iter(steps)
+    self._executor = futures.ThreadPoolExecutor(threads, thread_name_prefix='fdiff-data')
+    self._pending = collections.deque()
+    for _ in range(max(depth, threads)):
+      self._submit()
+
+  def _submit(self):
+    step = next(self._steps, None)
+    if step is not None:
+      self._pending.append(self._executor.submit(self._make, step))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if not self._pending:
+      self.close()
+      raise StopIteration
+    try:
+      batch = self._pending.popleft().result()
+    except BaseException:
+      self.close()
+      raise
+    self._submit()
+    return batch
+
+  def close(self):
+    """Stops making batches; nothing is left running after those in flight."""
+    self._pending.clear()
+    self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def create_train_iterator(
-  config, start_step: int = 0, split: sources.Split | None = None
+  config, start_step: int = 0, arrays: Arrays | None = None, threads: int = THREADS
 ) -> Iterator[dict]:
   """Endless shuffled batches of this process's part of each global batch.
 
   Yields {'image': float32 [B, H, W, C] in [-1, 1], 'attributes': float32
-  [B, A]} with B = config.train.batch_size // jax.process_count().
+  [B, A]} with B = config.train.batch_size // jax.process_count(). The images
+  are the prepared uint8 values mapped back to [-1, 1]: within 1/255 of what
+  `preprocess_image` gives, since they were rounded to uint8 when prepared.
 
   Global batch s holds global positions s*G .. s*G+G-1 (G the global batch).
   Process p reads only positions s*G + p*B .. s*G + p*B + B-1, so the
   processes' batches, concatenated in process order, equal the batch a
   single process gets with the whole global batch. Starting at step k starts
-  the position counter at k*G: exactly the batches k, k+1, ... of a run from
-  step 0, with nothing read or decoded for the steps skipped. `split` is the
-  opened config.data.train_split, where the caller already has it.
+  at position k*G: exactly the batches k, k+1, ... of a run from step 0,
+  with nothing read for the steps skipped. `arrays` are the prepared
+  config.data.train_split (`open_arrays`), where the caller already has them.
   """
-  if split is None:
-    split = sources.open_split(config, config.data.train_split)
-  batch = _per_process_batch(config.train.batch_size)
-  offset = jax.process_index() * batch
-  load = _loader(config, split, shuffle=True, flip=config.data.random_flip)
+  if arrays is None:
+    arrays = open_arrays(config, config.data.train_split)
+  global_batch = config.train.batch_size
+  batch = _per_process_batch(global_batch)
+  slots = jax.process_index() * batch + np.arange(batch, dtype=np.int64)
+  order = _Order(config.seed, len(arrays), shuffle=True, flip=config.data.random_flip)
 
-  def global_position(counter):
-    step, slot = counter // batch, counter % batch
-    return step * config.train.batch_size + offset + slot
+  def make(step):
+    return _gather(arrays, *order(step * global_batch + slots))
 
-  ds = tf.data.Dataset.range(start_step * batch, np.iinfo(np.int64).max)
-  ds = ds.map(lambda counter: load(global_position(counter)), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _Batches(ds)
+  return _Prefetch(make, _counter(start_step), threads)
+
+
+def _counter(start: int) -> Iterator[int]:
+  step = start
+  while True:
+    yield step
+    step += 1
 
 
 def create_eval_iterator(
@@ -200,28 +189,15 @@ def create_eval_iterator(
   be partial, on some processes even empty (0 rows): pad it before
   assembling a global array.
   """
-  data = sources.open_split(config, split or config.data.eval_split)
+  arrays = open_arrays(config, split or config.data.eval_split)
   global_batch = batch_size or config.train.batch_size
   batch = _per_process_batch(global_batch)
-  steps = -(-len(data) // global_batch)
-  positions = (
-    np.arange(steps)[:, None] * global_batch + jax.process_index() * batch + np.arange(batch)
-  ).ravel()
-  positions = positions[positions < len(data)]
-  load = _loader(config, data, shuffle=False, flip=False)
-  ds = tf.data.Dataset.from_tensor_slices(positions)
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
-  return _pad_with_empty_batches(_Batches(ds), steps, config)
+  slots = jax.process_index() * batch + np.arange(batch, dtype=np.int64)
+  no_flips = np.zeros(batch, bool)
 
+  def make(step):
+    positions = step * global_batch + slots
+    here = positions < len(arrays)
+    return _gather(arrays, positions[here], no_flips[here])
 
-def _pad_with_empty_batches(batches, steps: int, config) -> Iterator[dict]:
-  """Yields `batches`, then empty ones until `steps` batches were yielded."""
-  count = 0
-  for count, batch in enumerate(batches, 1):
-    yield batch
-  for _ in range(steps - count):
-    yield {
-      'image': np.zeros((0, *image_shape(config)), np.float32),
-      'attributes': np.zeros((0, len(attribute_names(config))), np.float32),
-    }
+  return _Prefetch(make, range(-(-len(arrays) // global_batch)), THREADS)

@@ -34,11 +34,16 @@ class DatasetSpec:
 
 
 class Split:
-  """One split, indexable: `split[i]` -> (encoded image bytes, float32 [A])."""
+  """One split, indexable: `split[i]` -> (encoded image bytes, float32 [A]).
 
-  def __init__(self, data_source, to_attributes):
+  `data_dir` is the folder of the prepared TFDS files it reads ('' when there
+  are none on disk, e.g. under `tfds.testing.mock_data`).
+  """
+
+  def __init__(self, data_source, to_attributes, data_dir: str = ''):
     self._data_source = data_source
     self._to_attributes = to_attributes
+    self.data_dir = data_dir
 
   def __len__(self) -> int:
     return len(self._data_source)
@@ -184,4 +189,4 @@ def open_split(config, split: str) -> Split:
       f' {builder.data_dir}): {e} Set config.data.train_split /'
       ' config.data.eval_split to an existing split.'.replace('\n', ' ')
     ) from e
-  return Split(data_source, spec.to_attributes)
+  return Split(data_source, spec.to_attributes, str(builder.data_dir))
