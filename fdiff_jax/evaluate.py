@@ -148,6 +148,7 @@ class Run:
   joint_ceiling: dict | None = None
   train_labels: np.ndarray | None = None
   strip_attributes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
+  strip_ends: tuple | None = None  # (start, end) [S, A] vectors of the strips.
   strip_sampler: Sampler | None = None
 
   @property
@@ -219,7 +220,8 @@ def evaluate_point(run, clf, feature_fn, guidance, settings, out_dir):
   if len(run.strip_attributes):
     frames, readings = _interpolation_strips(run, clf, w, settings)
     row['interpolation'] = {
-      'identity_kept': control.identity_kept(readings, run.strip_attributes, run.informative),
+      'identity_kept': control.identity_kept(readings, control.held_attributes(*run.strip_ends)),
+      'held_attributes': float(control.held_attributes(*run.strip_ends).sum(1).mean()),
       'single_flip': control.single_flip(
         readings[np.arange(len(readings)), :, run.strip_attributes]
       ),
@@ -242,16 +244,15 @@ def evaluate_point(run, clf, feature_fn, guidance, settings, out_dir):
 def _interpolation_strips(run, clf, guidance, settings):
   """(frames [S * F, H, W, C], classifier readings [S, F, A]) of the interpolation strips.
 
-  Strip s moves attribute run.strip_attributes[s] from -1 to +1, the others
-  unspecified, starting from image 0 of seed `settings.seed + s`.
+  Strip s goes from run.strip_ends[0][s] to run.strip_ends[1][s], moving
+  attribute run.strip_attributes[s] from -1 to +1, from image 0 of seed
+  `settings.seed + s`.
   """
   frames = []
-  for s, attribute in enumerate(run.strip_attributes):
-    end = np.zeros(len(clf.attribute_names), np.float32)
-    end[attribute] = 1.0
+  for s, (start, end) in enumerate(zip(*run.strip_ends)):
     strip = generate.interpolate(
       run.strip_sampler,
-      -end,
+      start,
       end,
       frames=settings.interp_frames,
       seeds=[settings.seed + s],
@@ -342,6 +343,9 @@ def _prepare_composition(run, ref, settings):
     )
   run.strip_attributes = control.strip_attributes(
     run.informative, settings.interp_strips, settings.seed
+  )
+  run.strip_ends = control.strip_endpoints(
+    run.train_labels, run.informative, run.strip_attributes, settings.seed
   )
   run.strip_sampler = Sampler(
     run.config, run.sampler.model, run.sampler.params, batch_size=settings.interp_frames

@@ -88,9 +88,37 @@ def test_interpolation_metrics_on_hand_made_readings():
     ],
     np.float32,
   )
-  assert control.identity_kept(readings, [0, 2], INFORMATIVE) == 0.75  # 3 of 4 later frames.
+  held = np.array([[False, True, True, False], [True, True, False, False]])  # Not Bald.
+  assert control.identity_kept(readings, held) == 0.75  # 3 of 4 later frames.
+  held[0, 1] = False  # Mustache tied to Male: its change no longer counts.
+  assert control.identity_kept(readings, held) == 1.0
   strips = np.array([[-1, -1, 1, 1], [-1, 1, -1, 1], [1, 1, 1, 1], [-1, -1, -1, -1]])
   assert control.single_flip(strips) == 0.25  # Only the first: absent, then present, once.
+
+
+def test_strips_move_to_the_nearest_real_vector_and_hold_the_rest():
+  # Columns: Black_Hair, Blond_Hair, Smiling, Eyeglasses (never present: not informative).
+  labels = np.array(
+    [[1, -1, 1, -1], [1, -1, -1, -1], [-1, 1, 1, -1], [-1, 1, -1, -1], [-1, 1, 1, -1]],
+    np.float32,
+  )
+  informative = np.array([True, True, True, False])
+  moved = np.array([1, 1, 2, 0, 1])
+  starts, ends = control.strip_endpoints(labels, informative, moved, seed=3)
+  for start, end, attribute in zip(starts, ends, moved):
+    assert start[attribute] == -1 and end[attribute] == 1
+    assert start[3] == end[3] == 0  # Uninformative: left unspecified.
+    for vector in (start, end):  # Both ends are real vectors.
+      assert (labels[:, :3] == vector[:3]).all(1).any()
+  held = control.held_attributes(starts, ends)
+  blond = moved == 1  # Blond_Hair replaces Black_Hair, Smiling is held.
+  assert (ends[blond, 0] == -1).all() and held[blond].tolist() == [[False, False, True, False]] * 3
+  assert held[2].tolist() == [True, True, False, False]  # Smiling alone moves.
+  np.testing.assert_array_equal(
+    starts, control.strip_endpoints(labels, informative, moved, seed=3)[0]
+  )
+  lone = control.strip_endpoints(labels[:, :3] * 0 - 1, informative[:3], [0], seed=0)
+  assert lone[0].tolist() == [[-1, 0, 0]] and lone[1].tolist() == [[1, 0, 0]]  # Never present.
 
 
 def test_combined_prompts_are_real_combinations_of_informative_attributes():

@@ -15,9 +15,12 @@ here, reads the samples back with the attribute classifier and scores them:
     unspecified in the samples against its rate in the training images that
     match the prompt (P(Male | Mustache)), and the mean absolute gap; prompts
     matched by too few training images are skipped;
-  * interpolation: identity kept, the fraction of frames whose other
-    attributes read as in the first frame; single flip, the fraction of strips
-    whose moved attribute reads absent, then present, changing once.
+  * interpolation: each strip moves one attribute between two real vectors, a
+    random one without it and the nearest one with it, so the attributes the
+    data ties to it move too (one hair colour replaces another) and the rest
+    are held. Identity kept: the fraction of frames whose held attributes read
+    as in the first frame; single flip: the fraction of strips whose moved
+    attribute reads absent, then present, changing once.
 """
 
 import numpy as np
@@ -81,6 +84,37 @@ def strip_attributes(informative, num_strips, seed):
   """Attribute index interpolated by each strip: informative attributes in a seeded order."""
   order = np.random.default_rng(seed).permutation(np.flatnonzero(informative))
   return order[np.arange(num_strips) % len(order)] if len(order) else order[:0]
+
+
+def strip_endpoints(labels, informative, moved, seed):
+  """(start, end) [S, A] of strips moving attribute `moved[s]` from absent to present.
+
+  Both ends are rows of `labels` on the informative attributes (0 elsewhere): a
+  random row without the attribute, and of the rows with it, one that changes
+  the fewest other informative attributes. Where no row lacks or has it, the
+  strip moves it alone with everything else unspecified (nothing held).
+  """
+  columns = np.flatnonzero(informative)
+  rng = np.random.default_rng([seed, len(moved)])
+  starts = np.zeros((len(moved), labels.shape[1]), np.float32)
+  ends = np.zeros_like(starts)
+  for s, attribute in enumerate(moved):
+    values = labels[:, columns]
+    without = values[labels[:, attribute] < 0]
+    present = values[labels[:, attribute] > 0]
+    if not len(without) or not len(present):
+      starts[s, attribute], ends[s, attribute] = -1, 1
+      continue
+    start = without[rng.integers(len(without))]
+    changed = (present != start).sum(1)
+    nearest = present[changed == changed.min()]
+    starts[s, columns], ends[s, columns] = start, nearest[rng.integers(len(nearest))]
+  return starts, ends
+
+
+def held_attributes(starts, ends):
+  """[S, A] bool: the attributes a strip specifies and keeps from start to end."""
+  return (starts == ends) & (starts != 0)
 
 
 def matching(labels, prompt):
@@ -157,14 +191,13 @@ def unspecified_rates(predicted, vectors, labels, informative, names, min_suppor
   }
 
 
-def identity_kept(readings, moved, informative):
-  """Fraction of frames after the first whose other informative attributes read as in the first.
+def identity_kept(readings, held):
+  """Fraction of frames after the first whose held attributes read as in the first.
 
-  `readings` [S, F, A] are the classifier's +-1 readings of S strips of F frames;
-  strip s interpolates attribute `moved[s]`.
+  `readings` [S, F, A] are the classifier's +-1 readings of S strips of F
+  frames; `held` [S, A] marks the attributes each strip holds (`held_attributes`).
   """
-  others = informative[None] & (np.arange(readings.shape[-1])[None] != np.asarray(moved)[:, None])
-  kept = (readings[:, 1:] == readings[:, :1]) | ~others[:, None]
+  kept = (readings[:, 1:] == readings[:, :1]) | ~held[:, None]
   return float(kept.all(-1).mean())
 
 

@@ -70,8 +70,10 @@ def _composition_table(report):
     'Unspecified gap: mean |rate in the samples - rate in the training images matching the '
     f'prompt| of each attribute a single or combined prompt leaves unspecified, over prompts '
     f'matched by at least {support} training images (prompts: how many).',
-    'Interpolation: frames after the first whose other attributes read as in the first; '
-    'strips whose interpolated attribute reads absent, then present, changing once.',
+    'Interpolation: each strip moves one attribute between two real attribute vectors (one '
+    'without it, the nearest with it); identity kept: frames after the first whose held '
+    'attributes (those both ends share) read as in the first; single flip: strips whose '
+    'moved attribute reads absent, then present, changing once.',
   ]
 
 
