@@ -651,6 +651,7 @@ def plan(
         **stats,
         'flops_per_chip': flops,
         'flops_source': source,
+        'hlo_flops_per_chip': hlo_flops(compiled.as_text()),
         'model_flops_per_chip': planner.model_flops_per_chip(batch),
         'step_s': seconds,
         'images_per_s': batch / seconds,
