@@ -579,7 +579,7 @@ def largest_batch(planner, first_stats, batch, max_compiles, deadline):
         guess = int(k1 + (chip.hbm_bytes * chip.usable - p1) // slope)
     if guess is None:
       guess = 2 * lo if hi is None else (lo + hi) // 2
-    upper = hi - 1 if hi is not None else max(2 * lo, guess)
+    upper = hi - 1 if hi is not None else min(max(2 * lo, guess), 16 * lo)  # No wild jumps.
     guess = min(max(guess, lo + 1), upper)
     if guess in probes or guess < 1:
       guess = (lo + hi) // 2 if hi is not None else 2 * lo
