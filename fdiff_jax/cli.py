@@ -111,6 +111,35 @@ def cmd_bench(args, overrides):
     bench.write_json(result, args.out)
 
 
+def cmd_plan(args, overrides):
+  from fdiff_jax import plan
+
+  plan.prepare_process()  # Before the config's validation starts JAX.
+  from fdiff_jax import config_utils
+
+  config = config_utils.load_config(args.config, overrides)
+  targets = [t for t in args.target.split(',') if t.strip()]
+  for name in targets:
+    plan.parse_target(name)  # Every name checked before the first (slow) compile.
+  from fdiff_jax import images
+
+  images.check_writable(args.json, '--json')
+  results = []
+  for name in targets:
+    results.append(
+      plan.plan(
+        config,
+        name,
+        search_compiles=args.search_compiles,
+        utilisation=args.utilisation,
+        sampler=not args.no_sampler,
+      )
+    )
+  print(plan.format_table(results))
+  if args.json:
+    plan.write_json(results, args.json)
+
+
 def cmd_train_classifier(args, overrides):
   from fdiff_jax import config_utils
 
@@ -392,6 +421,26 @@ def build_parser():
   p.add_argument('--out', help='write the results as JSON here')
   p.set_defaults(func=cmd_bench, takes_overrides=True)
 
+  p = commands.add_parser(
+    'plan', help='compile the train step for TPU slices / GPU hosts not here: memory, FLOPs, speed'
+  )
+  p.add_argument('--config', required=True, help='config file, e.g. configs/celeba64.py')
+  p.add_argument(
+    '--target', required=True, help='comma-separated, e.g. v5e-8,2xv5p-8,h100x8 (see docs)'
+  )
+  p.add_argument(
+    '--search-compiles',
+    type=nonnegative_int,
+    default=3,
+    help='extra compiles to find the largest batch that fits (0: no search)',
+  )
+  p.add_argument(
+    '--utilisation', type=fraction, default=0.4, help='fraction of peak FLOP/s for the estimates'
+  )
+  p.add_argument('--no-sampler', action='store_true', help='skip the guided sampler call')
+  p.add_argument('--json', help='write the results as JSON here')
+  p.set_defaults(func=cmd_plan, takes_overrides=True)
+
   p = commands.add_parser('sample', help='sample images with chosen attributes; sweep guidance')
   _add_generation_flags(p)
   p.add_argument(
@@ -524,6 +573,7 @@ def build_parser():
 
 def main(argv=None):
   if argv is None:  # The command line, not a call from Python.
+    cpu_runtime.pin_cpu_without_accelerators()
     cpu_runtime.reexec_with_huge_pages()
   cpu_runtime.set_xla_flags()
   parser = build_parser()

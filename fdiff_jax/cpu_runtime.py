@@ -10,11 +10,18 @@
   allocations with transparent huge pages. glibc reads tunables only at
   start-up, so the `fdiff` command re-executes itself once with GLIBC_TUNABLES set.
 
+- On a machine with no accelerator, JAX would still start every installed
+  accelerator plugin (libtpu and the CUDA plugin of the `plan` extra), which
+  print errors and a traceback before falling back to the CPU. With no
+  accelerator device node in /dev and JAX_PLATFORMS unset, `fdiff` sets
+  JAX_PLATFORMS=cpu: the CPU is what JAX would pick there anyway.
+
 What each setting gained, measured with `fdiff bench`: docs/performance.md.
 Flags and tunables the user has already set are left alone, and
 FDIFF_NO_CPU_TUNING=1 leaves XLA and glibc at their own defaults (to compare).
 """
 
+import glob
 import importlib.metadata
 import os
 import sys
@@ -63,6 +70,21 @@ def set_xla_flags():
   os.environ['XLA_FLAGS'] = with_default_xla_flags(
     os.environ.get('XLA_FLAGS', ''), jaxlib_version()
   )
+
+
+# Device nodes of accelerators JAX can use: NVIDIA GPUs, AMD GPUs, TPUs (v4: accel, v5e on: vfio).
+ACCELERATOR_NODES = ('/dev/nvidia[0-9]*', '/dev/kfd', '/dev/accel[0-9]*', '/dev/vfio/[0-9]*')
+
+
+def has_accelerator(dev_patterns=ACCELERATOR_NODES):
+  """Whether any accelerator device node is present (a cheap look in /dev, no JAX)."""
+  return any(glob.glob(pattern) for pattern in dev_patterns)
+
+
+def pin_cpu_without_accelerators(dev_patterns=ACCELERATOR_NODES):
+  """JAX_PLATFORMS=cpu where there is no accelerator and the user chose no platform."""
+  if 'JAX_PLATFORMS' not in os.environ and not has_accelerator(dev_patterns):
+    os.environ['JAX_PLATFORMS'] = 'cpu'
 
 
 def _glibc():

@@ -88,3 +88,19 @@ def test_opt_out_leaves_xla_flags_alone(monkeypatch):
   cpu_runtime.set_xla_flags()
   assert os.environ['XLA_FLAGS'] == '--a=1'
   cpu_runtime.reexec_with_huge_pages()  # Returns: nothing to do.
+
+
+def test_cpu_is_pinned_only_without_accelerators_or_a_choice(tmp_path, monkeypatch):
+  nodes = (str(tmp_path / 'nvidia[0-9]*'), str(tmp_path / 'vfio' / '[0-9]*'))
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  cpu_runtime.pin_cpu_without_accelerators(nodes)
+  assert os.environ['JAX_PLATFORMS'] == 'cpu'
+  monkeypatch.delenv('JAX_PLATFORMS')
+  (tmp_path / 'vfio').mkdir()
+  (tmp_path / 'vfio' / '0').touch()  # A TPU v5e chip's node.
+  cpu_runtime.pin_cpu_without_accelerators(nodes)
+  assert 'JAX_PLATFORMS' not in os.environ  # JAX picks the accelerator itself.
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda')
+  (tmp_path / 'vfio' / '0').unlink()
+  cpu_runtime.pin_cpu_without_accelerators(nodes)
+  assert os.environ['JAX_PLATFORMS'] == 'cuda'  # The user's choice stands.

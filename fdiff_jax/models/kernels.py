@@ -106,8 +106,10 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """softmax(q k^T) v over [n, L, d], normalised after the second matmul.
 
   The row maximum subtracted before exp cancels exactly, so its gradient is stopped.
+  The softmax (logits, exp, row sums, the division) is float32 whatever the
+  compute dtype; only the second matmul's inputs take it.
   """
-  logits = jnp.einsum('nqd,nkd->nqk', q, k).astype(jnp.float32)
+  logits = jnp.einsum('nqd,nkd->nqk', q, k, preferred_element_type=jnp.float32)
   weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-  y = jnp.einsum('nqk,nkd->nqd', weights.astype(v.dtype), v)
-  return y / weights.sum(axis=-1, keepdims=True).astype(y.dtype)
+  y = jnp.einsum('nqk,nkd->nqd', weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (y / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)
