@@ -481,6 +481,10 @@ class Planner:
     self._batch_sharding = parallel.batch_sharding(self.mesh)
     self._jax = jax
 
+  def state_bytes(self) -> int:
+    """Bytes of the train state (parameters, optimizer state, EMA) that every chip holds."""
+    return sum(x.size * x.dtype.itemsize for x in self._jax.tree.leaves(self.state))
+
   def check_batch(self, batch: int) -> None:
     if batch < 1 or batch % self.chips:
       raise UserError(
@@ -614,6 +618,15 @@ def plan(
   batch = int(config.train.batch_size)
   planner.check_batch(batch)
   dtype = str(planner.config.model.dtype)
+  usable = chip.hbm_bytes * chip.usable
+  state_bytes = planner.state_bytes()
+  if state_bytes > usable:  # Replicated on every chip: no batch helps, no need to compile.
+    raise UserError(
+      f'the model does not fit on {target.name} even at batch 1 per chip: its parameters, '
+      f'optimizer state and EMA alone take {state_bytes / GIB:.1f} GiB of the '
+      f'{usable / GIB:.1f} GiB usable per {chip.name}; make the model smaller '
+      '(config.model) or use a chip with more memory'
+    )
   start = time.monotonic()
   stats, compiled = planner.try_train(batch)
   compile_s = time.monotonic() - start
