@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fdiff_jax import checkpoints, cli, config_utils, diffusion, parallel, plan, train
+from fdiff_jax import checkpoints, cli, config_utils, diffusion, flop_count, parallel, plan, train
 from fdiff_jax.data import pipeline
 from fdiff_jax.models import build_model
 from fdiff_jax.train_state import initial_state, make_optimizer
@@ -97,12 +97,16 @@ def test_conv_flops_match_hand_count_on_gpu_and_cpu():
   x, f = jnp.zeros((n, h, w, cin)), jnp.zeros((k, k, cin, cout))
   cpu = jax.jit(conv).lower(x, f).compile()
   assert cpu.cost_analysis()['flops'] == hand
-  assert plan.hlo_flops(cpu.as_text())['total'] == hand
+  assert flop_count.hlo_flops(cpu.as_text())['total'] == hand
   mesh = Mesh(plan.target_devices(plan.parse_target('h100')), ('d',))
   spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P()))
   gpu = jax.jit(conv).lower(spec(x), spec(f)).compile().as_text()
   assert '__cudnn$conv' in gpu  # The convolution runs in cuDNN ...
-  assert plan.hlo_flops(gpu) == {'total': hand, 'matmul': 0, 'custom_call_matmul': hand}  # counted
+  assert flop_count.hlo_flops(gpu) == {
+    'total': hand,
+    'matmul': 0,
+    'custom_call_matmul': hand,
+  }  # counted
 
 
 def test_gpu_counter_counts_cublas_gemms():
@@ -117,7 +121,7 @@ def test_gpu_counter_counts_cublas_gemms():
   text = compiled.as_text()
   assert '__cublas$' in text and ' dot(' not in text
   assert compiled.cost_analysis() is None  # Why the count is ours on GPU.
-  assert plan.hlo_flops(text)['custom_call_matmul'] == 2 * 256 * 512 * 1024
+  assert flop_count.hlo_flops(text)['custom_call_matmul'] == 2 * 256 * 512 * 1024
 
 
 def test_gpu_train_step_count_matches_xla_on_cpu(planned):
@@ -140,7 +144,7 @@ def test_gpu_train_step_count_matches_xla_on_cpu(planned):
   cpu = step.lower(state, batch).compile()
   # Measured: 1.6% apart (elementwise work fuses differently); the GEMMs agree to 0.1%.
   assert gpu_flops['total'] == pytest.approx(cpu.cost_analysis()['flops'], rel=0.03)
-  cpu_matmul = plan.hlo_flops(cpu.as_text())['matmul']
+  cpu_matmul = flop_count.hlo_flops(cpu.as_text())['matmul']
   assert gpu_flops['matmul'] + gpu_flops['custom_call_matmul'] == pytest.approx(
     cpu_matmul, rel=0.005
   )
@@ -153,7 +157,7 @@ def test_sampler_call_compiles_for_a_gpu_host():
   # attribute row per chip.
   expected = _bytes(planner.state.params) + (16 * 16 * 3 + 1 + 40) * 4
   assert plan.memory(compiled)['argument_bytes'] == expected
-  assert plan.hlo_flops(compiled.as_text())['custom_call_matmul'] > 0
+  assert flop_count.hlo_flops(compiled.as_text())['custom_call_matmul'] > 0
 
 
 def _one_error_line(capsys, args):
