@@ -5,8 +5,10 @@ devices reference and an uninterrupted 2-process run (started the way users
 start one, by launch/local_multiprocess.sh) side by side, then a 2-process run
 that gets SIGTERM on one process, a restart that gets SIGKILL on both, and a
 restart to the end. The tests check what each phase left behind. Every process
-is bounded by a timeout and killed if it overruns. The module's tests share one
-xdist worker (pyproject sets `--dist loadscope`), so the fixture runs once.
+is bounded by a timeout and killed if it overruns. The phases share a JAX
+compilation cache, so the later ones load the train step instead of compiling
+it. The module's tests share one xdist worker (pyproject sets `--dist
+loadscope`), so the fixture runs once.
 """
 
 import contextlib
@@ -49,6 +51,15 @@ def celeba_dirs(tmp_path_factory):
   return dirs
 
 
+@pytest.fixture(scope='module')
+def compilation_cache(tmp_path_factory):
+  """Environment variables that make JAX keep compiled programs in one folder for every phase."""
+  return {
+    'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+  }
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -75,9 +86,12 @@ def train_args(celeba_dirs, workdir, num_steps, checkpoint_every):
 class Job:
   """`fdiff train` as N local processes with D CPU devices each; output in log files."""
 
-  def __init__(self, args, log_prefix, num_processes=2, devices=2):
+  def __init__(self, args, log_prefix, env, num_processes=2, devices=2):
     env = dict(
-      os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+      os.environ,
+      **env,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
     )
     multihost = []
     if num_processes > 1:
@@ -176,9 +190,9 @@ def logged_losses(workdir):
   return losses
 
 
-def launch_local(args, log_dir):
+def launch_local(args, log_dir, env):
   """launch/local_multiprocess.sh with 2 processes, as a user runs it: its exit status and logs."""
-  env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), LOG_DIR=log_dir)
+  env = dict(os.environ, **env, PYTHON=sys.executable, PORT=str(free_port()), LOG_DIR=log_dir)
   proc = subprocess.Popen(
     ['bash', os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '2', *args[1:]],
     cwd=REPO,
@@ -209,19 +223,20 @@ def launcher_failure(launcher, log_dir):
 
 
 @pytest.fixture(scope='module')
-def runs(celeba_dirs, tmp_path_factory):
+def runs(celeba_dirs, compilation_cache, tmp_path_factory):
   """Runs the reference, the uninterrupted and the interrupted training; returns what they left."""
   root = tmp_path_factory.mktemp('multihost')
   workdirs = {name: str(root / name) for name in ('reference', 'uninterrupted', 'interrupted')}
 
   def start(name, phase, num_steps=NUM_STEPS, checkpoint_every=NUM_STEPS, **processes):
     args = train_args(celeba_dirs, workdirs[name], num_steps, checkpoint_every)
-    return running(Job(args, str(root / phase), **processes))
+    return running(Job(args, str(root / phase), compilation_cache, **processes))
 
   with start('reference', 'reference', num_processes=1, devices=4) as reference:
     launcher = launch_local(
       train_args(celeba_dirs, workdirs['uninterrupted'], NUM_STEPS, NUM_STEPS),
       str(root / 'launcher_logs'),
+      compilation_cache,
     )
     assert launcher['returncode'] == 0, launcher_failure(launcher, str(root / 'launcher_logs'))
     assert reference.wait() == [0], reference.output(0)[-3000:]
