@@ -219,9 +219,14 @@ def evaluate_point(run, clf, feature_fn, guidance, settings, out_dir):
     )
   if len(run.strip_attributes):
     frames, readings = _interpolation_strips(run, clf, w, settings)
+    held = control.held_attributes(*run.strip_ends)
+    changes = control.held_changes(readings, held)
     row['interpolation'] = {
-      'identity_kept': control.identity_kept(readings, control.held_attributes(*run.strip_ends)),
-      'held_attributes': float(control.held_attributes(*run.strip_ends).sum(1).mean()),
+      'identity_kept': control.identity_kept(readings, held),
+      'held_attributes': float(held.sum(1).mean()),
+      'held_changes': {
+        n: float(c) for n, c in zip(clf.attribute_names, changes) if not np.isnan(c)
+      },
       'single_flip': control.single_flip(
         readings[np.arange(len(readings)), :, run.strip_attributes]
       ),

@@ -90,6 +90,8 @@ def test_interpolation_metrics_on_hand_made_readings():
   )
   held = np.array([[False, True, True, False], [True, True, False, False]])  # Not Bald.
   assert control.identity_kept(readings, held) == 0.75  # 3 of 4 later frames.
+  changes = control.held_changes(readings, held)  # Mustache: 1 of 2 frames; Bald never held.
+  np.testing.assert_array_equal(changes, [0.0, 0.25, 0.0, np.nan])
   held[0, 1] = False  # Mustache tied to Male: its change no longer counts.
   assert control.identity_kept(readings, held) == 1.0
   strips = np.array([[-1, -1, 1, 1], [-1, 1, -1, 1], [1, 1, 1, 1], [-1, -1, -1, -1]])
@@ -260,6 +262,8 @@ def test_report_is_complete_with_fid_and_plot(setup, capsys):
     assert set(strips['attributes']) <= set(cond['scored_attributes'])
     assert strips['identity_kept'] * 4 in range(5)  # 2 strips x 2 frames after the first.
     assert strips['single_flip'] * 2 in range(3)
+    assert set(strips['held_changes']) <= set(cond['scored_attributes'])
+    assert all(v * 4 in range(5) for v in strips['held_changes'].values())  # Of 2 or 4 frames.
   table = (root / 'out' / 'report.md').read_text()
   assert table.count('\n| cond |') == 4 and table.count('\n| uncond |') == 1  # Two tables.
   assert 'at least 100 training images' in table

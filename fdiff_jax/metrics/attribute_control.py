@@ -201,6 +201,16 @@ def identity_kept(readings, held):
   return float(kept.all(-1).mean())
 
 
+def held_changes(readings, held):
+  """[A]: per attribute, the fraction of later frames that read it unlike the first, over
+  the strips that hold it (NaN where no strip holds it). Which attributes break
+  `identity_kept`."""
+  changed = (readings[:, 1:] != readings[:, :1]) & held[:, None]
+  frames = held.sum(0) * (readings.shape[1] - 1)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return changed.sum((0, 1)) / frames
+
+
 def single_flip(readings):
   """Fraction of strips [S, F] of +-1 readings that go from absent to present in one change."""
   changes = (np.diff(readings, axis=1) != 0).sum(1)
