@@ -1,6 +1,6 @@
 """FLOPs counted from an optimised HLO module's text, for `fdiff plan`.
 
-XLA's GPU cost analysis returns nothing, and on every backend the GEMMs and
+XLA's GPU cost analysis returns nothing, and on GPU the GEMMs and
 convolutions handed to cuBLAS / cuDNN are custom calls that no cost analysis
 counts. `hlo_flops` reads the text `compiled.as_text()` gives and counts them
 as the dots and convolutions they replaced, the rest as XLA's cost analysis
