@@ -27,7 +27,7 @@ def get_config():
   config.diffusion.p_uncond = 0.1
   config.diffusion.p_partial = 0.3  # prompts that name 1-3 attributes are in-distribution
   config.train.batch_size = 32
-  config.train.num_steps = 10000
+  config.train.num_steps = 15000
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 200
   config.train.lr_schedule = 'cosine'
@@ -35,7 +35,7 @@ def get_config():
   config.train.log_every = 100
   config.train.checkpoint_every = 500
   config.train.sample_every = 4000
-  config.sample.guidance = 4.0
+  config.sample.guidance = 3.0
   config.sample.grid_prompts = (
     '',
     'Male',
