@@ -51,15 +51,6 @@ def celeba_dirs(tmp_path_factory):
   return dirs
 
 
-@pytest.fixture(scope='module')
-def compilation_cache(tmp_path_factory):
-  """Environment variables that make JAX keep compiled programs in one folder for every phase."""
-  return {
-    'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax_cache')),
-    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-  }
-
-
 def free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -86,10 +77,9 @@ def train_args(celeba_dirs, workdir, num_steps, checkpoint_every):
 class Job:
   """`fdiff train` as N local processes with D CPU devices each; output in log files."""
 
-  def __init__(self, args, log_prefix, env, num_processes=2, devices=2):
-    env = dict(
+  def __init__(self, args, log_prefix, num_processes=2, devices=2):
+    env = dict(  # It keeps the run's compilation cache (tests/conftest.py) for every phase.
       os.environ,
-      **env,
       JAX_PLATFORMS='cpu',
       XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
     )
@@ -190,9 +180,9 @@ def logged_losses(workdir):
   return losses
 
 
-def launch_local(args, log_dir, env):
+def launch_local(args, log_dir):
   """launch/local_multiprocess.sh with 2 processes, as a user runs it: its exit status and logs."""
-  env = dict(os.environ, **env, PYTHON=sys.executable, PORT=str(free_port()), LOG_DIR=log_dir)
+  env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()), LOG_DIR=log_dir)
   proc = subprocess.Popen(
     ['bash', os.path.join(REPO, 'launch', 'local_multiprocess.sh'), '2', *args[1:]],
     cwd=REPO,
@@ -223,20 +213,19 @@ def launcher_failure(launcher, log_dir):
 
 
 @pytest.fixture(scope='module')
-def runs(celeba_dirs, compilation_cache, tmp_path_factory):
+def runs(celeba_dirs, tmp_path_factory):
   """Runs the reference, the uninterrupted and the interrupted training; returns what they left."""
   root = tmp_path_factory.mktemp('multihost')
   workdirs = {name: str(root / name) for name in ('reference', 'uninterrupted', 'interrupted')}
 
   def start(name, phase, num_steps=NUM_STEPS, checkpoint_every=NUM_STEPS, **processes):
     args = train_args(celeba_dirs, workdirs[name], num_steps, checkpoint_every)
-    return running(Job(args, str(root / phase), compilation_cache, **processes))
+    return running(Job(args, str(root / phase), **processes))
 
   with start('reference', 'reference', num_processes=1, devices=4) as reference:
     launcher = launch_local(
       train_args(celeba_dirs, workdirs['uninterrupted'], NUM_STEPS, NUM_STEPS),
       str(root / 'launcher_logs'),
-      compilation_cache,
     )
     assert launcher['returncode'] == 0, launcher_failure(launcher, str(root / 'launcher_logs'))
     assert reference.wait() == [0], reference.output(0)[-3000:]
