@@ -13,6 +13,7 @@ state; every sampling command loads it alike.
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
@@ -114,7 +115,9 @@ def _file_digests(step_dir):
 def write_manifests(manager):
   """Writes the SHA-256 manifest of every committed step that lacks one (main process only).
 
-  Call it once the saves are committed (`manager.wait_until_finished()`).
+  Call it once the saves are committed (`manager.wait_until_finished()`, or
+  `manager.is_saving_in_progress()` false: the training loop checks that after
+  every step, so a `kill -9` between saves finds the newest step sealed).
   """
   if not parallel.is_main_process():
     return
@@ -216,7 +219,8 @@ def restore(manager: ocp.CheckpointManager, abstract: Any, step: int | None = No
 
   Raises DamagedCheckpoint when the step's files fail their manifest, cannot be
   read, or hold non-finite values, and a plain UserError when the step holds
-  another kind of model or other shapes than `abstract` (a changed config).
+  another kind of model or other shapes than `abstract` (a changed config), or
+  when reading fails for want of memory, access or I/O (nothing is damaged).
   """
   step = manager.latest_step() if step is None else step
   if step is None:
@@ -231,15 +235,38 @@ def restore(manager: ocp.CheckpointManager, abstract: Any, step: int | None = No
   try:
     state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # pylint: disable=broad-except  # orbax raises bare Exceptions too.
-    if verified:  # The files are intact: the config builds another state.
+    if _machine_fault(e):  # Nothing says the files are bad: leave them where they are.
       raise UserError(
-        f'checkpoint {step} in {manager.directory} does not fit the state this config builds '
-        f"({_first_line(e)}); the config differs from the checkpoint's: use its config.json"
+        f'checkpoint {step} in {manager.directory} could not be read on this machine '
+        f'({_first_line(e)}); it was left as it is: free memory or fix access, then retry'
+      ) from None
+    if verified:  # Intact files, the shapes the config builds, and still unreadable.
+      raise UserError(
+        f'checkpoint {step} in {manager.directory} matches its checksums but cannot be '
+        f'restored ({_first_line(e)}); restore it with the config.json and orbax version '
+        'that wrote it'
       ) from None
     raise DamagedCheckpoint(step, manager.directory, _first_line(e)) from None
   if not all(bool(jax.numpy.isfinite(x).all()) for x in jax.tree.leaves(state) if _is_float(x)):
     raise DamagedCheckpoint(step, manager.directory, 'it holds NaN or Inf values')
   return state
+
+
+_MACHINE_ERRNOS = {
+  errno.EIO,
+  errno.ENOMEM,
+  errno.ENOSPC,
+  errno.EACCES,
+  errno.EAGAIN,
+  errno.ETIMEDOUT,
+}
+
+
+def _machine_fault(e):
+  """True for failures of the machine rather than of the checkpoint: memory, access, I/O."""
+  if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno in _MACHINE_ERRNOS):
+    return True
+  return any(s in str(e) for s in ('RESOURCE_EXHAUSTED', 'Out of memory', 'out of memory'))
 
 
 def _is_float(x):

@@ -15,6 +15,9 @@
   print errors and a traceback before falling back to the CPU. With no
   accelerator device node in /dev and JAX_PLATFORMS unset, `fdiff` sets
   JAX_PLATFORMS=cpu: the CPU is what JAX would pick there anyway.
+- TensorFlow only reads and decodes data here; `fdiff` turns off its oneDNN
+  kernels, whose start-up notice would otherwise come before every command's
+  output, error lines included.
 
 What each setting gained, measured with `fdiff bench`: docs/performance.md.
 Flags and tunables the user has already set are left alone, and
@@ -85,6 +88,12 @@ def pin_cpu_without_accelerators(dev_patterns=ACCELERATOR_NODES):
   """JAX_PLATFORMS=cpu where there is no accelerator and the user chose no platform."""
   if 'JAX_PLATFORMS' not in os.environ and not has_accelerator(dev_patterns):
     os.environ['JAX_PLATFORMS'] = 'cpu'
+
+
+def quiet_tensorflow():
+  """No oneDNN kernels (nor their start-up notice) in TensorFlow, unless the user chose."""
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 
 def _glibc():

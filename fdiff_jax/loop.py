@@ -161,6 +161,7 @@ def run(
   report = periodic_actions.ReportProgress(num_train_steps=c.num_steps, writer=writer)
   console = _ConsoleLog(start, c.num_steps)
   history, pending = [], []
+  unsealed = False  # A save was started whose step has no manifest yet.
   try:  # Even when the loss diverges: finish pending saves so the last good one is whole.
     with _Preemption() as preemption:
       for step in range(start + 1, c.num_steps + 1):
@@ -179,6 +180,10 @@ def run(
           _check_finite(pending, manager, section)
         if save_now:
           checkpoints.save(manager, step, state)
+          unsealed = True
+        elif unsealed and not manager.is_saving_in_progress():
+          checkpoints.write_manifests(manager)  # Sealed as soon as the save is committed.
+          unsealed = False
         if log_now:
           summary = {k: float(np.mean([m[k] for _, m in pending])) for k in pending[0][1]}
           writer.write_scalars(step, summary)  # ReportProgress adds steps_per_sec and ETA.

@@ -104,3 +104,15 @@ def test_cpu_is_pinned_only_without_accelerators_or_a_choice(tmp_path, monkeypat
   (tmp_path / 'vfio' / '0').unlink()
   cpu_runtime.pin_cpu_without_accelerators(nodes)
   assert os.environ['JAX_PLATFORMS'] == 'cuda'  # The user's choice stands.
+
+
+def test_a_command_line_error_is_not_preceded_by_tensorflow_notices(tmp_path):
+  proc = subprocess.run(
+    [sys.executable, '-m', 'fdiff_jax', 'sample', '--workdir', str(tmp_path / 'none')],
+    capture_output=True,
+    text=True,
+    env={k: v for k, v in os.environ.items() if not k.startswith('TF_')},
+  )
+  assert proc.returncode == 2
+  assert 'oneDNN' not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith('fdiff: error: '), proc.stderr

@@ -8,14 +8,17 @@ One tiny model is trained once for the module; tests damage copies of it.
 import fcntl
 import os
 import shutil
+import struct
+import time
 import zipfile
 
 import faces
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from test_inception import write_pth
+from test_inception import Crafted, storage, write_pth
 
-from fdiff_jax import checkpoints, classifier, cli, config_utils, images, train
+from fdiff_jax import checkpoints, classifier, cli, config_utils, images, loop, train
 from fdiff_jax.data import prepared, sources
 from fdiff_jax.data.synth_celeba import write_synthetic_celeba
 from fdiff_jax.errors import UserError
@@ -105,10 +108,22 @@ def cut_member(zip_path, member='img_align_celeba/000002.jpg'):
       archive.writestr(name, data)
 
 
+def flip_member_bytes(zip_path, member='img_align_celeba/000003.jpg'):
+  """The same size; bytes in the middle of one member's data changed (its CRC no longer fits)."""
+  with zipfile.ZipFile(zip_path) as archive:
+    info = archive.getinfo(member)
+  with open(zip_path, 'r+b') as f:
+    f.seek(info.header_offset + 26)
+    name_length, extra_length = struct.unpack('<HH', f.read(4))
+    f.seek(info.header_offset + 30 + name_length + extra_length + info.compress_size // 2)
+    f.write(bytes(255 - b for b in f.read(8)))
+
+
 @pytest.mark.parametrize(
   'damage, expected',
   [
     (cut_member, 'img_align_celeba/000002.jpg in '),
+    (flip_member_bytes, 'img_align_celeba/000003.jpg'),
     (truncate, 'is not a readable zip file'),
   ],
 )
@@ -118,7 +133,8 @@ def test_damaged_celeba_zip_is_refused_before_training(tmp_path, capsys, damage,
   assert cli.main(train_args(data, workdir)) == 2
   assert expected in one_line_error(capsys)
   assert not workdir.exists()
-  assert not any(p.is_dir() for p in (tmp_path / 'tfds').glob('celeba_files/*'))  # Nothing kept.
+  leftovers = [p for p in (tmp_path / 'tfds').rglob('*') if 'fdiff_prepared' not in str(p)]
+  assert not leftovers, leftovers  # Nothing kept, not even TFDS's empty download folders.
 
 
 def test_an_undecodable_stored_image_is_one_line_and_nothing_is_prepared(celeba, tmp_path):
@@ -165,17 +181,66 @@ def test_a_truncated_step_without_a_manifest_is_still_caught(trained, tmp_path):
     checkpoints.load_model(workdir)
 
 
+def test_a_committed_step_is_sealed_before_the_next_save(celeba, tmp_path, monkeypatch):
+  """A kill -9 between two saves must find the newest committed step with its manifest."""
+  step_dir = tmp_path / 'run' / 'checkpoints' / '3'
+  sealed = []
+  run = loop.run
+
+  def watched_run(*args, on_step, **kwargs):
+    def watch(step, state):
+      if step == 4:  # Let the asynchronous save of step 3 commit (its folder appears).
+        deadline = time.time() + 60
+        while not step_dir.is_dir() and time.time() < deadline:
+          time.sleep(0.05)
+        time.sleep(1.0)
+      elif step == 5:  # Step 6 saves next; the manifest must not wait for it.
+        sealed.append((step_dir / checkpoints.MANIFEST_FILE).exists())
+      on_step(step, state)
+
+    return run(*args, on_step=watch, **kwargs)
+
+  monkeypatch.setattr(loop, 'run', watched_run)
+  config = make_config(celeba, num_steps=6, checkpoint_every=3, sample_every=6)
+  train.train_diffusion(config, str(tmp_path / 'run'))
+  assert sealed == [True]
+
+
+@pytest.mark.parametrize('damage', [truncate, overwrite_in_place])
 def test_training_sets_a_damaged_step_aside_and_resumes_from_the_one_before(
-  celeba, trained, tmp_path, caplog
+  celeba, trained, tmp_path, caplog, damage
 ):
   workdir = copy_of(trained, tmp_path)
   assert os.path.exists(os.path.join(workdir, checkpoints.LOCK_FILE))  # Left by the first run.
-  truncate(biggest_file(os.path.join(workdir, 'checkpoints', '4')))
+  damage(biggest_file(os.path.join(workdir, 'checkpoints', '4')))
   history = train.train_diffusion(make_config(celeba, checkpoint_every=100), workdir)
   assert [h['step'] for h in history] == [3, 4]  # Resumed from step 2.
   assert os.path.isdir(os.path.join(workdir, checkpoints.DAMAGED_DIR, '4'))
   assert any('checkpoint 4' in r.message and 'moved it to' in r.message for r in caplog.records)
   assert checkpoints.load_model(workdir).step == 4  # A fresh, verified step 4.
+
+
+@pytest.mark.parametrize(
+  'fault, expected',
+  [
+    (MemoryError(), 'could not be read on this machine'),
+    (ValueError('unexpected'), 'matches its checksums but cannot be restored'),
+  ],
+)
+def test_a_restore_failure_that_is_not_damage_moves_nothing(
+  celeba, trained, tmp_path, monkeypatch, fault, expected
+):
+  workdir = copy_of(trained, tmp_path)
+
+  def fail(*args, **kwargs):
+    raise fault
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', fail)
+  with pytest.raises(UserError, match=expected) as error:
+    train.train_diffusion(make_config(celeba, num_steps=6), workdir)
+  assert not isinstance(error.value, checkpoints.DamagedCheckpoint)
+  assert not os.path.exists(os.path.join(workdir, checkpoints.DAMAGED_DIR))
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4'))
 
 
 def test_the_exported_form_still_reports_damage_in_one_line(trained, tmp_path, capsys):
@@ -233,6 +298,16 @@ def test_a_diffusion_workdir_given_as_classifier_is_named_as_such(trained):
     classifier.load_classifier(trained)
 
 
+def test_a_classifier_workdir_given_to_a_sampler_is_named_as_such(celeba, tmp_path, capsys):
+  config = make_config(celeba)
+  config.classifier.update(num_steps=2, batch_size=4, checkpoint_every=2, log_every=1)
+  workdir = str(tmp_path / 'clf')
+  classifier.train_classifier(config, workdir)
+  assert cli.main(['sample', '--workdir', workdir, '--out', str(tmp_path / 'g.png')]) == 2
+  line = one_line_error(capsys)
+  assert 'holds an attribute classifier, not a diffusion model' in line, line
+
+
 # 3. Crafted FID weights.
 
 
@@ -269,6 +344,47 @@ def test_a_truncated_legacy_pth_is_a_value_error(tmp_path, monkeypatch):
     torch_state_dict.load_state_dict(path)
 
 
+def test_a_legacy_storage_claiming_more_bytes_than_the_file_is_refused(tmp_path, monkeypatch):
+  path = str(tmp_path / 'legacy.pth')
+  write_pth(path, {'a': np.ones((3,), np.float32)}, monkeypatch, legacy=True)
+  with open(path, 'rb') as f:
+    data = f.read()
+  header = struct.pack('<q', 3)
+  assert data.count(header) == 1
+  with open(path, 'wb') as f:  # 2**62 floats: 16 EiB, more than any read could return.
+    f.write(data.replace(header, struct.pack('<q', 2**62)))
+  with pytest.raises(UserError, match='truncated or malformed at storage'):
+    inception.load_variables(path)
+
+
+@pytest.mark.parametrize(
+  'entry, expected',
+  [
+    (lambda s: Crafted(5, 0, (3,), (1,)), 'names 5 as its storage'),
+    (lambda s: Crafted(('0', 'float32'), 0, (3,), (1,)), 'as its storage, not a storage'),
+    (lambda s: Crafted(s, 0, 3.0, (1,)), 'malformed layout'),
+    (lambda s: Crafted(s, -1, (3,), (1,)), 'malformed layout'),
+    (lambda s: Crafted(s, 5, (1,), (1,)), 'reaches element 5 of a storage of 3'),
+    (lambda s: Crafted(s, 0, (2,), (10**18,)), 'reaches element 1000000000000000000'),
+    (lambda s: Crafted(s, 0, (10**20,), (1,)), 'reaches element'),
+    (lambda s: Crafted(s, 0, (10**9, 10**9), (0, 0)), 'more elements than its storage of 3'),
+  ],
+)
+def test_crafted_tensor_layouts_are_one_line(tmp_path, monkeypatch, entry, expected):
+  path = str(tmp_path / 'w.pth')
+  write_pth(path, {'a': entry(storage('0', np.zeros(3, np.float32)))}, monkeypatch)
+  with pytest.raises(UserError, match=f'cannot read Inception weights.*{expected}'):
+    inception.load_variables(path)
+
+
+def test_a_truncated_npz_is_one_line(tmp_path):
+  path = tmp_path / 'w.npz'
+  np.savez(path, a=np.ones(1000, np.float32))
+  path.write_bytes(path.read_bytes()[:-300])
+  with pytest.raises(UserError, match='Inception weights .* is damaged \\(BadZipFile'):
+    inception.load_variables(str(path))
+
+
 # 6. Output paths, checked before any work; no temporaries left.
 
 
@@ -302,15 +418,28 @@ def test_gif_and_report_folder_are_checked_first_too(tmp_path, a_file, capsys):
   gif = ['interpolate', '--workdir', missing, '--gif', f'{a_file}/a.gif']
   assert cli.main(gif) == 2
   assert '--gif' in one_line_error(capsys)
-  report = ['evaluate', '--workdir', missing, '--classifier', missing, '--out-dir', a_file]
-  assert cli.main(report) == 2
-  assert '--out-dir' in one_line_error(capsys)
+  report = ['evaluate', '--workdir', missing, '--classifier', missing]
+  for out_dir, expected in ((a_file, 'is a file; give a folder'), (f'{a_file}/sub', 'a file;')):
+    assert cli.main([*report, '--out-dir', out_dir]) == 2
+    line = one_line_error(capsys)
+    assert '--out-dir' in line and expected in line, line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason='root may write anywhere')
-def test_a_folder_without_write_permission_is_refused(tmp_path, capsys):
+def test_two_outputs_on_one_path_are_refused(tmp_path, capsys):
+  same = str(tmp_path / 'out')
+  assert cli.main(['sample', '--workdir', 'x', '--out', same, '--out-dir', same]) == 2
+  assert '--out-dir and --out are both' in one_line_error(capsys)
+  assert not os.path.exists(same)
+
+
+def test_a_folder_without_write_permission_is_refused(tmp_path, capsys, monkeypatch):
   locked = tmp_path / 'locked'
   locked.mkdir(mode=0o500)
+  if os.geteuid() == 0:  # Root may write anywhere: let the permission check see a locked folder.
+    access = os.access
+    monkeypatch.setattr(
+      os, 'access', lambda p, *a, **k: str(p) != str(locked) and access(p, *a, **k)
+    )
   assert cli.main(['sample', '--workdir', 'x', '--out', str(locked / 'a.png')]) == 2
   assert 'no permission' in one_line_error(capsys)
 

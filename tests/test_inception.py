@@ -81,16 +81,19 @@ class _Storage:
     self.key, self.array = key, array
 
 
-class _Tensor:
-  def __init__(self, storage, shape):
-    self.storage, self.shape = storage, shape
+class Crafted:
+  """A tensor entry with the rebuild arguments given as they are, as a crafted file may hold."""
+
+  def __init__(self, storage, offset, size, stride):
+    self.args = (storage, offset, size, stride, False, collections.OrderedDict())
 
   def __reduce__(self):
-    strides = tuple(int(s) for s in np.cumprod((1,) + self.shape[::-1])[:-1][::-1])
-    return (
-      sys.modules['torch._utils']._rebuild_tensor_v2,
-      (self.storage, 0, self.shape, strides, False, collections.OrderedDict()),
-    )
+    return sys.modules['torch._utils']._rebuild_tensor_v2, self.args
+
+
+def storage(key, array):
+  """A storage to hand to `Crafted`; `write_pth` writes its bytes."""
+  return _Storage(key, np.ascontiguousarray(array))
 
 
 def _pickle_state_dict(state_dict, torch_module, legacy):
@@ -98,13 +101,16 @@ def _pickle_state_dict(state_dict, torch_module, legacy):
   storages = {}
   tensors = collections.OrderedDict()
   for i, (name, value) in enumerate(state_dict.items()):
-    storages[str(i)] = _Storage(str(i), np.ascontiguousarray(value))
-    tensors[name] = _Tensor(storages[str(i)], value.shape)
+    if not isinstance(value, Crafted):
+      strides = tuple(int(s) for s in np.cumprod((1,) + value.shape[::-1])[:-1][::-1])
+      value = Crafted(storage(str(i), value), 0, value.shape, strides)
+    tensors[name] = value
 
   class Pickler(pickle.Pickler):
     def persistent_id(self, obj):
       if not isinstance(obj, _Storage):
         return None
+      storages[obj.key] = obj
       kind = torch_module.LongStorage if obj.array.dtype == np.int64 else torch_module.FloatStorage
       pid = ('storage', kind, obj.key, 'cpu', obj.array.size)
       return pid + (None,) if legacy else pid
@@ -115,7 +121,10 @@ def _pickle_state_dict(state_dict, torch_module, legacy):
 
 
 def write_pth(path, state_dict, monkeypatch, legacy=False):
-  """Writes `state_dict` in PyTorch's zip (>= 1.6) or legacy .pth format, without torch."""
+  """Writes `state_dict` in PyTorch's zip (>= 1.6) or legacy .pth format, without torch.
+
+  Its values are arrays, or `Crafted` entries written exactly as given.
+  """
   with monkeypatch.context() as m:
     data, storages = _pickle_state_dict(state_dict, _FakeTorch(m).module, legacy)
   if not legacy:

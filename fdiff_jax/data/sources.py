@@ -7,6 +7,8 @@ shuffle, shard and resume without reading through earlier examples.
 
 import contextlib
 import dataclasses
+import os
+import shutil
 import socket
 from collections.abc import Callable
 
@@ -152,10 +154,22 @@ def _prepare_celeba(manual_dir, data_dir):
       builder.data_dir,
     )
     mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-  with _quiet_progress():
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
-    )
+  # TFDS makes these folders even for manual files; a refused preparation keeps none of them.
+  made = [
+    path
+    for path in (os.path.join(builder.data_dir_root, d) for d in ('downloads', builder.name))
+    if '://' not in path and not os.path.exists(path)  # Local data_dirs only.
+  ]
+  try:
+    with _quiet_progress():
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
+      )
+  except BaseException:
+    for path in made:
+      if not any(files for _, _, files in os.walk(path)):
+        shutil.rmtree(path, ignore_errors=True)
+    raise
   return celeba.CelebaFiles(data_dir=data_dir, file_format='array_record')
 
 

@@ -13,6 +13,8 @@ import hashlib
 import os
 import shutil
 import urllib.request
+import zipfile
+import zlib
 
 import flax.linen as nn
 import jax
@@ -21,6 +23,9 @@ import numpy as np
 
 from fdiff_jax.errors import UserError
 from fdiff_jax.metrics import torch_state_dict
+
+# What a damaged .npz (a zip) raises besides ValueError and OSError.
+DAMAGED_ZIP = (zipfile.BadZipFile, zlib.error, EOFError)
 
 WEIGHTS_URL = (
   'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -227,6 +232,11 @@ def load_variables(path):
         state_dict = dict(f)
     else:
       state_dict = torch_state_dict.load_state_dict(path)
+  except DAMAGED_ZIP as e:
+    raise UserError(
+      f'cannot read Inception weights {path!r}: the file is damaged ({type(e).__name__}: {e}); '
+      'make or download it again'
+    ) from None
   except (ValueError, OSError, torch_state_dict.UnsafeWeightsError) as e:
     raise UserError(f'cannot read Inception weights {path!r}: {e}') from None
   return variables_from_state_dict(state_dict, path)

@@ -10,6 +10,8 @@ raw storages) are read.
 
 import collections
 import io
+import math
+import os
 import pickle
 import struct
 import zipfile
@@ -35,44 +37,60 @@ class UnsafeWeightsError(Exception):
   """The file asks to run something other than the tensor rebuild functions."""
 
 
+class _StorageRef:
+  """A storage named by the file's persistent ids; a pickle cannot build one itself."""
+
+  def __init__(self, key, dtype):
+    self.key, self.dtype = key, dtype
+
+
 class _LazyTensor:
   """A tensor whose storage bytes may come later in the file (legacy format)."""
 
   def __init__(self, storage, offset, size, stride):
-    self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
   def materialize(self, storages, name):
     """A numpy copy of the strided view into storages[key], checked against its bounds.
 
-    Every size, stride and the offset must be non-negative integers and the last
-    element the view reaches must lie inside the storage; a crafted file could
-    otherwise make `as_strided` read (or crash on) memory outside it.
+    Every size, stride and the offset must be non-negative integers, the last
+    element the view reaches must lie inside the storage and the view may not
+    hold more elements than the storage; a crafted file could otherwise make
+    `as_strided` read (or crash on) memory outside it, or ask for exabytes.
     """
-    key, dtype = self.storage
+    if not isinstance(self.storage, _StorageRef):
+      raise ValueError(f'tensor {name!r} names {self.storage!r} as its storage, not a storage')
+    key, dtype = self.storage.key, self.storage.dtype
     if key not in storages:
       raise ValueError(f'tensor {name!r} refers to storage {key!r}, which the file lacks')
     flat = storages[key]
-    numbers = (self.offset, *self.size, *self.stride)
-    if len(self.stride) != len(self.size) or not all(
-      isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers
+    sequences = all(isinstance(x, (tuple, list)) for x in (self.size, self.stride))
+    if (
+      not sequences
+      or len(self.stride) != len(self.size)
+      or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0
+        for n in (self.offset, *self.size, *self.stride)
+      )
     ):
       raise ValueError(
         f'tensor {name!r} has a malformed layout (offset {self.offset!r}, size '
         f'{self.size!r}, stride {self.stride!r})'
       )
-    if 0 in self.size:
-      return np.zeros(self.size, dtype)
-    last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+    size, stride = tuple(self.size), tuple(self.stride)
+    if 0 in size:
+      return np.zeros(size, dtype)
+    last = self.offset + sum((n - 1) * s for n, s in zip(size, stride))
+    layout = f'tensor {name!r} (size {size}, stride {stride}, offset {self.offset})'
     if last >= len(flat):
-      raise ValueError(
-        f'tensor {name!r} (size {self.size}, stride {self.stride}, offset {self.offset}) '
-        f'reaches element {last} of a storage of {len(flat)}'
-      )
-    if not self.size:
+      raise ValueError(f'{layout} reaches element {last} of a storage of {len(flat)}')
+    if math.prod(size) > len(flat):  # Only by reading elements more than once.
+      raise ValueError(f'{layout} has more elements than its storage of {len(flat)}')
+    if not size:
       return flat[self.offset].copy()
     return np.array(
       np.lib.stride_tricks.as_strided(
-        flat[self.offset :], shape=self.size, strides=tuple(s * dtype.itemsize for s in self.stride)
+        flat[self.offset :], shape=size, strides=tuple(s * dtype.itemsize for s in stride)
       )
     )
 
@@ -120,7 +138,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if not isinstance(storage_type, _StorageType):
       raise UnsafeWeightsError(f'unexpected storage type {storage_type!r}')
     self.storages[key] = storage_type.dtype
-    return key, storage_type.dtype
+    return _StorageRef(key, storage_type.dtype)
 
 
 def _read_zip(path):
@@ -157,14 +175,16 @@ def _read_legacy(path):
     unpickler = _RestrictedUnpickler(f)
     result = unpickler.load()
     storages = {}
+    size = os.fstat(f.fileno()).st_size
     for key in _RestrictedUnpickler(f).load():
       if str(key) not in unpickler.storages:
         raise ValueError(f'{path} lists storage {key!r}, which no tensor uses')
       dtype = unpickler.storages[str(key)]
       header = f.read(8)
       numel = struct.unpack('<q', header)[0] if len(header) == 8 else -1
-      data = f.read(numel * dtype.itemsize) if numel >= 0 else b''
-      if numel < 0 or len(data) != numel * dtype.itemsize:
+      fits = 0 <= numel * dtype.itemsize <= size - f.tell()  # Never read more than is there.
+      data = f.read(numel * dtype.itemsize) if fits else b''
+      if not fits or len(data) != numel * dtype.itemsize:
         raise ValueError(f'{path} is truncated or malformed at storage {key!r}')
       storages[str(key)] = np.frombuffer(data, dtype)
   return result, storages
@@ -178,17 +198,20 @@ def load_state_dict(path):
   """
   try:
     result, storages = (_read_zip if zipfile.is_zipfile(path) else _read_legacy)(path)
-  except (UnsafeWeightsError, ValueError):
+    if not isinstance(result, dict):
+      raise ValueError(f'{path} holds a {type(result).__name__}, not a state dict')
+    arrays = {}
+    for name, value in result.items():
+      if not isinstance(value, _LazyTensor):
+        raise ValueError(f'{path}: entry {name!r} is not a tensor')
+      arrays[name] = value.materialize(storages, name)
+    return arrays
+  except (UnsafeWeightsError, ValueError, OSError):
     raise
-  except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, TypeError, KeyError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # The bytes are untrusted: whatever else a damaged or crafted pickle makes the
+    # unpickler or the checks trip over (TypeError, OverflowError, EOFError, ...)
+    # means the same thing.
     raise ValueError(
       f'{path} is damaged or not a tensor state dict ({type(e).__name__}: {e})'
     ) from None
-  if not isinstance(result, dict):
-    raise ValueError(f'{path} holds a {type(result).__name__}, not a state dict')
-  arrays = {}
-  for name, value in result.items():
-    if not isinstance(value, _LazyTensor):
-      raise ValueError(f'{path}: entry {name!r} is not a tensor')
-    arrays[name] = value.materialize(storages, name)
-  return arrays
