@@ -57,14 +57,23 @@ guidance_weight = _typed(
 nonnegative_float = _typed(float, lambda v: math.isfinite(v) and v >= 0, 'a finite number >= 0')
 positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, 'a finite number > 0')
 fraction = _typed(float, lambda v: 0 < v <= 1, 'a number in (0, 1]')
+port_number = _typed(int, lambda v: 0 <= v <= 65535, 'a port number (0 to 65535)')
 
 
 def _check_outputs(args):
   """Every output flag of `args` can be written: checked before any sampling or training."""
   from fdiff_jax import images
 
+  taken = {}
   for flag, folder in (('out', False), ('gif', False), ('out_dir', True)):
-    images.check_writable(getattr(args, flag, None), '--' + flag.replace('_', '-'), folder)
+    path, name = getattr(args, flag, None), '--' + flag.replace('_', '-')
+    images.check_writable(path, name, folder)
+    if path and '://' not in path:
+      if os.path.abspath(path) in taken:
+        raise UserError(
+          f'{name} and {taken[os.path.abspath(path)]} are both {path}; give two paths'
+        )
+      taken[os.path.abspath(path)] = name
 
 
 def cmd_train(args, overrides):
@@ -298,17 +307,15 @@ def cmd_interpolate(args):
 
 
 def cmd_edit(args):
-  import os
-
   from fdiff_jax import generate
 
   sampler = _sampler(args)
   config = sampler.config
   image = generate.load_image(args.image, config)[None]
-  classifier_dir = args.classifier or os.path.join(args.workdir, 'classifier')
+  classifier_dir = generate.classifier_dir(args.workdir, args.classifier)
   source_text = args.source
   if source_text is None:  # Read them with the classifier if there is one, else ask.
-    if not os.path.isdir(os.path.join(classifier_dir, 'checkpoints')):
+    if not generate.has_classifier(classifier_dir):
       raise UserError(
         "give the photo's attributes with --source \"Smiling,-Male,...\" ('' for "
         'none), or train a classifier with `fdiff train-classifier --workdir '
@@ -547,7 +554,7 @@ def build_parser():
     '--workdir', help='trained or exported model (default: pretrained/synth-faces of the repo)'
   )
   p.add_argument('--classifier', help='classifier workdir that reads the attributes of photos')
-  p.add_argument('--port', type=int, default=7860)
+  p.add_argument('--port', type=port_number, default=7860)
   p.add_argument('--host', default='127.0.0.1', help='0.0.0.0 serves other machines too')
   p.add_argument('--share', action='store_true', help='also serve through a public gradio link')
   p.add_argument(
@@ -574,6 +581,7 @@ def build_parser():
 def main(argv=None):
   if argv is None:  # The command line, not a call from Python.
     cpu_runtime.pin_cpu_without_accelerators()
+    cpu_runtime.quiet_tensorflow()
     cpu_runtime.reexec_with_huge_pages()
   cpu_runtime.set_xla_flags()
   parser = build_parser()

@@ -196,9 +196,18 @@ def edit_panel(sampler: Sampler, images, source, changes, **options) -> np.ndarr
   return np.stack([images, reconstruction, edited], axis=1)
 
 
+def classifier_dir(workdir: str, classifier: str | None = None) -> str:
+  """Where the attribute classifier of a model is: `classifier` if given, else WORKDIR/classifier."""
+  return classifier or os.path.join(workdir, 'classifier')
+
+
+def has_classifier(directory: str) -> bool:
+  return os.path.isdir(os.path.join(directory, 'checkpoints'))
+
+
 def predicted_attributes(config, images: np.ndarray, classifier_dir: str) -> np.ndarray:
   """Attributes [N, A] of images [N, H, W, C] read by the classifier trained in `classifier_dir`."""
-  if not os.path.isdir(os.path.join(classifier_dir, 'checkpoints')):
+  if not has_classifier(classifier_dir):
     raise UserError(
       f"no trained attribute classifier in {classifier_dir!r}; give the photo's "
       'attributes with --source "..." or train one with `fdiff train-classifier`'

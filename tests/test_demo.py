@@ -1,7 +1,9 @@
 """`fdiff demo`: its engine's checks, the CLI's refusals, and the page driven in headless Chromium."""
 
 import os
+import shutil
 import socket
+import zipfile
 
 import faces
 import numpy as np
@@ -10,7 +12,7 @@ from PIL import Image
 
 from configs import digits as digits_config
 from configs import test as test_config
-from fdiff_jax import cli, train
+from fdiff_jax import checkpoints, classifier, cli, generate, images, train
 from fdiff_jax.data import synth_celeba
 from fdiff_jax.data.attributes import CELEBA_ATTRIBUTES
 from fdiff_jax.demo import browser, engine
@@ -113,6 +115,44 @@ def test_cli_refuses_a_bad_workdir_or_port_before_serving(workdir, tmp_path, cap
     assert cli.main(['demo', '--workdir', workdir, flag, value]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('fdiff: error:') and value in err[0]
+
+
+def test_cli_refuses_a_port_out_of_range(workdir, capsys):
+  assert cli.main(['demo', '--workdir', workdir, '--port', '99999']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'not a port number' in err[0], err
+
+
+def test_edit_reads_the_photo_with_the_workdirs_classifier_and_changes_it(workdir, tmp_path):
+  """A classifier in WORKDIR/classifier is found without --classifier; the edit is a panel."""
+  model = tmp_path / 'model'
+  shutil.copytree(workdir, model)
+  config = checkpoints.load_config(str(model))
+  config.classifier.update(num_steps=2, batch_size=4, checkpoint_every=2, log_every=1)
+  classifier.train_classifier(config, generate.classifier_dir(str(model)))
+  with zipfile.ZipFile(os.path.join(config.data.manual_dir, 'img_align_celeba.zip')) as archive:
+    name = next(n for n in archive.namelist() if n.endswith('.jpg'))
+    (tmp_path / 'face.jpg').write_bytes(archive.read(name))
+
+  demo = engine.DemoEngine(str(model))
+  assert demo.classifier == generate.classifier_dir(str(model))
+  source = demo.read_attributes(tmp_path / 'face.jpg')
+  assert len(source) == len(demo.known) and set(source) <= {'yes', 'no'}
+  changes = ['any'] * len(demo.known)
+  changes[demo.known.index('Male')] = 'no' if source[demo.known.index('Male')] == 'yes' else 'yes'
+  photo = demo.load_photo(tmp_path / 'face.jpg')
+  for method in engine.EDIT_METHODS:
+    panel = demo.edit(
+      photo, source, changes, method=method, strength=0.6, guidance=2, steps=4, seed=0
+    )
+    size, scale = demo.image_shape[0], demo.scale  # Square images, 2 pixels of padding.
+    assert panel.shape == ((size + 4) * scale, (3 * size + 8) * scale, 3), method
+    rows = panel[2 * scale : (size + 2) * scale]
+    original, reconstruction, edited = (
+      rows[:, (2 + k * (size + 2)) * scale : (2 + k * (size + 2) + size) * scale] for k in range(3)
+    )
+    assert (original == demo.enlarge(images.to_uint8(photo[0]))).all(), method
+    assert (edited != reconstruction).any(), method
 
 
 def test_page_samples_interpolates_and_reports_bad_input_in_headless_chromium(

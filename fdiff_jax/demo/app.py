@@ -5,6 +5,7 @@ Every handler turns a UserError (or an unexpected failure) into a status line on
 the page; the server keeps running.
 """
 
+import errno
 import os
 import signal
 import socket
@@ -61,8 +62,8 @@ def serve(workdir, classifier=None, *, host='127.0.0.1', port=7860, share=False)
       page.queue(default_concurrency_limit=1).launch(
         server_name=host, server_port=port, share=share, css=CSS, quiet=False
       )
-    except OSError as e:  # Port taken, or no such host.
-      raise UserError(f'cannot serve on {host}:{port} ({e}); choose another --port') from None
+    except OSError as e:  # Port taken since the check, or no such host.
+      raise UserError(f'cannot serve on {host}:{port} ({e}); check --host and --port') from None
 
 
 def _check_port(host, port):
@@ -70,10 +71,11 @@ def _check_port(host, port):
   try:
     with socket.socket() as s:
       s.bind((host, port))
-  except OSError as e:
-    raise UserError(
-      f'cannot serve on {host}:{port} ({e.strerror}); choose another --port'
-    ) from None
+  except (OSError, OverflowError) as e:
+    taken = isinstance(e, OSError) and e.errno in (errno.EADDRINUSE, errno.EACCES)
+    remedy = 'choose another --port' if taken else 'check --host and --port'
+    reason = getattr(e, 'strerror', None) or e
+    raise UserError(f'cannot serve on {host}:{port} ({reason}); {remedy}') from None
 
 
 def _interrupt(signum, frame):

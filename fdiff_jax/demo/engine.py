@@ -109,14 +109,21 @@ def resolve_workdir(workdir: str | None) -> str:
   )
 
 
-def check_classifier(classifier: str | None) -> str | None:
-  """`classifier` if it is None or a classifier workdir with checkpoints, else a UserError."""
-  if classifier and not os.path.isdir(os.path.join(classifier, 'checkpoints')):
+def check_classifier(classifier: str | None, workdir: str | None = None) -> str | None:
+  """The classifier workdir that reads photos' attributes, or None if there is none.
+
+  `classifier` (--classifier) must be a classifier workdir with checkpoints, else
+  a UserError; without it, the model's own WORKDIR/classifier if it has one.
+  """
+  if classifier and not generate.has_classifier(classifier):
     raise UserError(
       f'no trained attribute classifier in {classifier!r} (--classifier); train one with '
       '`fdiff train-classifier` or leave --classifier out'
     )
-  return classifier
+  if classifier or not workdir:
+    return classifier
+  own = generate.classifier_dir(workdir)
+  return own if generate.has_classifier(own) else None
 
 
 def enable_compilation_cache(cache_dir: str) -> None:
@@ -244,7 +251,7 @@ class DemoEngine:
     loaded = checkpoints.load_model(workdir)
     self.workdir, self.step, self.config = workdir, loaded.step, loaded.config
     self.sampler = Sampler(loaded.config, loaded.model, loaded.params)
-    self.classifier = check_classifier(classifier)
+    self.classifier = check_classifier(classifier, workdir)
     self.labels = real_labels(self.config)
     self.known, self.known_source = known_attributes(self.config, self.labels)
     self.groups = attribute_groups(self.known)
@@ -333,9 +340,12 @@ class DemoEngine:
     return generate.load_image(str(path), self.config)[None]
 
   def read_attributes(self, path) -> list[str]:
-    """The settings of a photo as the --classifier reads it."""
+    """The settings of a photo as the classifier (`check_classifier`) reads it."""
     if not self.classifier:
-      raise UserError('no classifier: start the demo with --classifier DIR to read attributes')
+      raise UserError(
+        'no classifier: start the demo with --classifier DIR (or train one in '
+        f'{generate.classifier_dir(self.workdir)}) to read attributes'
+      )
     vector = generate.predicted_attributes(self.config, self.load_photo(path), self.classifier)
     return self.states(vector[0])
 
