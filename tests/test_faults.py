@@ -500,8 +500,9 @@ def test_a_second_trainer_on_a_locked_workdir_is_refused(celeba, tmp_path, capsy
 # 10. A catalog dataset without a network.
 
 
-def test_an_unprepared_tfds_dataset_offline_fails_at_once(tmp_path, monkeypatch):
+def test_an_unprepared_tfds_dataset_offline_fails_at_once(tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(sources, 'TFDS_DOWNLOAD_HOST', ('127.0.0.1', 9))  # Nothing listens.
   config = config_utils.load_config('configs/mnist.py', [f'data.data_dir={tmp_path}'])
   with pytest.raises(UserError, match='needs a network'):
     sources.open_split(config, 'train')
+  assert not [r.getMessage() for r in caplog.records]  # The error line is all the user sees.

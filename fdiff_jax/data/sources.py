@@ -66,13 +66,21 @@ def _celeb_a_attributes(example: dict) -> np.ndarray:
   return np.array([1 if flags[name] else -1 for name in CELEBA_ATTRIBUTES], np.float32)
 
 
+def _not_tfds_noise(record) -> bool:
+  """False for TFDS's warning about the empty folder of a dataset not prepared yet."""
+  return 'has no dataset_info.json' not in record.getMessage()
+
+
 @contextlib.contextmanager
-def _quiet_progress():
-  """Hides TFDS progress bars while preparing; they flood non-TTY logs."""
+def _quiet_tfds():
+  """Hides TFDS progress bars (they flood non-TTY logs) and its not-prepared-yet warning."""
   tfds.display_progress_bar(False)
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addFilter(_not_tfds_noise)
   try:
     yield
   finally:
+    absl_logger.removeFilter(_not_tfds_noise)
     tfds.display_progress_bar(True)
 
 
@@ -103,11 +111,12 @@ def _prepare_tfds(name):
 
   def prepare(manual_dir, data_dir):
     del manual_dir  # Catalog datasets download their own files.
-    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
-    if not builder.is_prepared() and _downloads(builder):
-      _check_reachable(name, data_dir)
+    with _quiet_tfds():
+      builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+      if not builder.is_prepared() and _downloads(builder):
+        _check_reachable(name, data_dir)
     try:
-      with _quiet_progress():
+      with _quiet_tfds():
         builder.download_and_prepare()
     except (download_manager.NonMatchingChecksumError, tfds.download.DownloadError, OSError) as e:
       hint = (
@@ -124,7 +133,7 @@ def _prepare_tfds(name):
 def _prepare_digits(manual_dir, data_dir):
   del manual_dir  # The digits ship with scikit-learn.
   builder = digits.SklearnDigits(data_dir=data_dir, file_format='array_record')
-  with _quiet_progress():
+  with _quiet_tfds():
     builder.download_and_prepare()
   return builder
 
@@ -143,7 +152,8 @@ def _prepare_celeba(manual_dir, data_dir):
       ' synthetic one).'
     )
   fingerprint = celeba.manual_fingerprint(manual_dir)
-  builder = celeba.CelebaFiles(data_dir=data_dir, file_format='array_record')
+  with _quiet_tfds():
+    builder = celeba.CelebaFiles(data_dir=data_dir, file_format='array_record')
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   if builder.is_prepared():
     if builder.info.metadata.get('manual_fingerprint') == fingerprint:
@@ -161,7 +171,7 @@ def _prepare_celeba(manual_dir, data_dir):
     if '://' not in path and not os.path.exists(path)  # Local data_dirs only.
   ]
   try:
-    with _quiet_progress():
+    with _quiet_tfds():
       builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
       )
