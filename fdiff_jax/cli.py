@@ -64,16 +64,15 @@ def _check_outputs(args):
   """Every output flag of `args` can be written: checked before any sampling or training."""
   from fdiff_jax import images
 
-  taken = {}
+  taken = {}  # Absolute path -> the flag that names it.
   for flag, folder in (('out', False), ('gif', False), ('out_dir', True)):
     path, name = getattr(args, flag, None), '--' + flag.replace('_', '-')
     images.check_writable(path, name, folder)
-    if path and '://' not in path:
-      if os.path.abspath(path) in taken:
-        raise UserError(
-          f'{name} and {taken[os.path.abspath(path)]} are both {path}; give two paths'
-        )
-      taken[os.path.abspath(path)] = name
+    where = os.path.abspath(path) if path and '://' not in path else None
+    if where in taken:
+      raise UserError(f'{name} and {taken[where]} are both {path}; give two paths')
+    if where:
+      taken[where] = name
 
 
 def cmd_train(args, overrides):
