@@ -137,6 +137,25 @@ def test_each_attribute_changes_its_own_pixels(name, identity):
   assert np.abs(_small(without) - _small(with_)).max() >= 40
 
 
+# The least luminance change (0-255) that each small feature makes somewhere in the
+# 32x32 image on every face: skin tones from dark to pale, every hair colour and Bald.
+VISIBLE_AT_32 = {'Mustache': 45, 'Goatee': 45, 'Smiling': 15, 'Mouth_Slightly_Open': 20}
+
+
+@pytest.mark.parametrize('name', sorted(VISIBLE_AT_32))
+def test_small_features_stand_out_at_32_on_every_skin_and_hair(name):
+  weights = np.array([0.299, 0.587, 0.114])
+  for identity in range(12):
+    for hair in EXCLUSIVE:
+      for pale in (False, True):
+        base = {'Male': True, 'Young': True, hair: True, 'Pale_Skin': pale}
+        change = np.abs(
+          _small(render_face(base, identity)) @ weights
+          - _small(render_face({**base, name: True}, identity)) @ weights
+        )
+        assert change.max() >= VISIBLE_AT_32[name], (identity, hair, pale, change.max())
+
+
 def test_no_beard_is_not_drawn_but_derived():
   a = sample_attributes(np.random.default_rng(0))
   assert np.array_equal(render_face({**a, 'No_Beard': True}, 5), render_face(a, 5))

@@ -96,6 +96,17 @@ def _identity(seed) -> dict:
   )
 
 
+def _luminance(colour) -> float:
+  return 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+
+
+def _beard_colour(hair, skin) -> tuple:
+  """`hair` darkened to at least 80 below the skin's luminance (or to near black)."""
+  target = max(_luminance(skin) - 80, 14)
+  k = min(1.0, target / max(_luminance(hair), 1.0))
+  return tuple(int(c * k) for c in hair)
+
+
 def render_face(attributes: Mapping[str, bool], identity: int | Sequence[int]) -> np.ndarray:
   """Draws one 218x178x3 uint8 face; `identity` seeds all but the attributes.
 
@@ -164,7 +175,7 @@ def render_face(attributes: Mapping[str, bool], identity: int | Sequence[int]) -
   eye_y = cy - 6 * s
   gap, size = p['eye_gap'] * s, p['eye_size']
   mouth_y, mw = cy + 36 * s, p['mouth']
-  if not a['Young']:  # Forehead lines, bags under the eyes, nose-to-mouth folds.
+  if not a['Young']:  # Forehead lines, bags and crow's feet (no folds near the mouth).
     for dy in (-44, -36, -28):
       draw.line((fx - 24, cy + dy * s, fx + 24, cy + dy * s), fill=ink, width=4)
     for side in (-1, 1):
@@ -172,7 +183,6 @@ def render_face(attributes: Mapping[str, bool], identity: int | Sequence[int]) -
       draw.arc((ex - 11, eye_y + 4, ex + 11, eye_y + 17), 20, 160, fill=ink, width=5)
       draw.line((ex + side * 11, eye_y - 4, ex + side * 17, eye_y - 8), fill=ink, width=3)
       draw.line((ex + side * 11, eye_y + 3, ex + side * 17, eye_y + 6), fill=ink, width=3)
-      draw.line((fx + side * 12, eye_y + 24, fx + side * (mw + 9), mouth_y + 6), fill=ink, width=5)
 
   if hair:  # A cap of hair over the skull.
     draw.chord((cx - rx - 4, cy - ry - 8, cx + rx + 4, cy), 180, 360, hair)
@@ -206,22 +216,26 @@ def render_face(attributes: Mapping[str, bool], identity: int | Sequence[int]) -
   )
   lip = 8 if a['Wearing_Lipstick'] else 5
   if a['Smiling'] and a['Mouth_Slightly_Open']:  # Open smile with teeth.
-    draw.chord((fx - mw - 6, mouth_y - 12, fx + mw + 6, mouth_y + 16), 0, 180, fill=lips)
-    draw.chord((fx - mw, mouth_y - 6, fx + mw, mouth_y + 11), 0, 180, fill=_MOUTH)
-    draw.rectangle((fx - mw + 4, mouth_y + 1, fx + mw - 4, mouth_y + 5), fill=_TEETH)
-  elif a['Smiling']:  # Closed smile: lips curve up at the corners.
-    draw.arc((fx - mw - 8, mouth_y - 18, fx + mw + 8, mouth_y + 9), 15, 165, lips, lip + 3)
-  elif a['Mouth_Slightly_Open']:  # Parted lips.
-    draw.ellipse((fx - mw + 2, mouth_y - 5 - lip / 2, fx + mw - 2, mouth_y + 5 + lip / 2), lips)
-    draw.ellipse((fx - mw + 6, mouth_y - 3, fx + mw - 6, mouth_y + 3), fill=_MOUTH)
+    draw.chord((fx - mw - 7, mouth_y - 14, fx + mw + 7, mouth_y + 19), 0, 180, fill=lips)
+    draw.chord((fx - mw - 1, mouth_y - 7, fx + mw + 1, mouth_y + 13), 0, 180, fill=_MOUTH)
+    draw.rectangle((fx - mw + 4, mouth_y + 1, fx + mw - 4, mouth_y + 6), fill=_TEETH)
+  elif a['Smiling']:  # Closed smile: a wide curve up to the corners, lips parted by a dark line.
+    draw.arc((fx - mw - 9, mouth_y - 20, fx + mw + 9, mouth_y + 10), 12, 168, lips, lip + 6)
+    draw.arc((fx - mw - 6, mouth_y - 17, fx + mw + 6, mouth_y + 6), 15, 165, _MOUTH, 4)
+  elif a['Mouth_Slightly_Open']:  # Parted lips round a dark opening.
+    draw.ellipse((fx - mw + 1, mouth_y - 7 - lip / 2, fx + mw - 1, mouth_y + 7 + lip / 2), lips)
+    draw.ellipse((fx - mw + 6, mouth_y - 5, fx + mw - 6, mouth_y + 5), fill=_MOUTH)
   else:
     draw.line((fx - mw, mouth_y, fx + mw, mouth_y), fill=lips, width=lip + 1)
 
-  beard = _HAIR[hair_name] if hair_name and not a['Bald'] else _HAIR['Brown_Hair']
+  # Facial hair in the hair's colour, darkened until it stands out from the skin.
+  beard = _beard_colour(
+    _HAIR[hair_name] if hair_name and not a['Bald'] else _HAIR['Brown_Hair'], skin
+  )
   if a['Mustache']:
-    draw.rounded_rectangle((fx - mw - 6, mouth_y - 17, fx + mw + 6, mouth_y - 7), 4, beard)
+    draw.rounded_rectangle((fx - mw - 9, mouth_y - 21, fx + mw + 9, mouth_y - 7), 5, beard)
   if a['Goatee']:
-    draw.rounded_rectangle((fx - 15, mouth_y + 8, fx + 15, cy + ry + 2), 7, beard)
+    draw.rounded_rectangle((fx - 17, mouth_y + 10, fx + 17, cy + ry + 2), 8, beard)
   if a['Eyeglasses']:
     for side in (-1, 1):
       ex = fx + side * gap
