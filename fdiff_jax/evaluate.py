@@ -234,8 +234,8 @@ def evaluate_point(run, clf, feature_fn, guidance, settings, out_dir):
       'frames': settings.interp_frames,
       'attributes': [clf.attribute_names[a] for a in run.strip_attributes],
     }
-    _save_grid(
-      frames, len(frames), os.path.join(out_dir, 'samples', f'{run.name}_{name}_interp.png')
+    _save_grid(  # One row per strip.
+      frames, len(readings), os.path.join(out_dir, 'samples', f'{run.name}_{name}_interp.png')
     )
   row['wall_time_s'] = time.perf_counter() - start
   _save_grid(

@@ -1,6 +1,7 @@
 """`fdiff evaluate`: its metric functions on hand-made arrays, and a complete report and plot
 on tiny conditional and unconditional workdirs."""
 
+import itertools
 import json
 import math
 import os
@@ -69,6 +70,12 @@ def test_unspecified_rates_compare_samples_with_the_training_conditional():
   assert prompt['rates']['Smiling']['sampled'] == 0.75
   gap = (abs(0.25 - 2 / 3) + abs(0.75 - 1 / 3)) / 2
   assert np.isclose(prompt['mean_abs_gap'], gap) and np.isclose(result['mean_abs_gap'], gap)
+  # 4 samples at the training rates 2/3 and 1/3 (mirror images): every outcome, weighted.
+  floor = sum(
+    np.prod([1 / 3 if x else 2 / 3 for x in draws]) * abs(sum(draws) / 4 - 1 / 3)
+    for draws in itertools.product((0, 1), repeat=4)
+  )
+  assert np.isclose(result['sampling_floor'], floor)
   # A second prompt, "-Male,Smiling" (one training match), is skipped, not reported as noise.
   vectors = np.concatenate([vectors, [[-1, 0, 1, 0]]])
   predicted = np.concatenate([predicted, [[-1, 1, 1, 1]]])
@@ -77,6 +84,15 @@ def test_unspecified_rates_compare_samples_with_the_training_conditional():
   assert np.isclose(result['mean_abs_gap'], gap) and result['min_train_support'] == 3
   skipped = control.unspecified_rates(predicted, vectors, labels, INFORMATIVE, NAMES, 4)
   assert skipped['mean_abs_gap'] is None and skipped['skipped_prompts'] == 2
+  assert skipped['sampling_floor'] is None
+
+
+def test_sampling_gap_is_the_mean_gap_of_binomial_draws():
+  assert control.sampling_gap(1, 0.3) == pytest.approx(2 * 0.3 * 0.7)  # |1-p| p + |0-p| (1-p).
+  assert control.sampling_gap(2, 0.5) == pytest.approx(0.25)
+  assert control.sampling_gap(7, 0.0) == control.sampling_gap(7, 1.0) == 0.0
+  draws = np.random.default_rng(0).binomial(2000, 0.2, size=200_000) / 2000
+  assert control.sampling_gap(2000, 0.2) == pytest.approx(np.abs(draws - 0.2).mean(), rel=0.01)
 
 
 def test_interpolation_metrics_on_hand_made_readings():
@@ -249,6 +265,7 @@ def test_report_is_complete_with_fid_and_plot(setup, capsys):
     unspecified = row['unspecified_attributes']
     assert unspecified['min_train_support'] == 100 == report['settings']['min_train_support']
     assert unspecified['num_prompts'] > 0 and unspecified['skipped_prompts'] > 0  # 160 in train.
+    assert 0 < unspecified['sampling_floor'] < 0.5
     for text, prompt in unspecified['prompts'].items():  # Against the label files themselves.
       specified = [(item.lstrip('-'), -1 if item[0] == '-' else 1) for item in text.split(',')]
       match = np.all([labels[name] == value for name, value in specified], axis=0)
@@ -272,7 +289,8 @@ def test_report_is_complete_with_fid_and_plot(setup, capsys):
   plot = Image.open(root / 'out' / 'report.png')
   assert plot.width == 4 * 480 and len(np.unique(np.asarray(plot).reshape(-1, 3), axis=0)) > 3
   assert os.path.getsize(root / 'out' / 'samples' / 'cond_w2.png') > 0
-  assert Image.open(root / 'out' / 'samples' / 'cond_w2_interp.png').size[0] > 0
+  width, height = Image.open(root / 'out' / 'samples' / 'cond_w2_interp.png').size
+  assert width * (2 * 18 + 2) == height * (3 * 18 + 2)  # 2 strips of 3 16x16 frames, as rows.
   # Classifier and Inception references and the training labels.
   assert len(os.listdir(root / 'cond' / 'eval_cache')) == 3
 

@@ -14,7 +14,9 @@ here, reads the samples back with the attribute classifier and scores them:
   * unspecified rates: per prompt, the rate of each attribute it leaves
     unspecified in the samples against its rate in the training images that
     match the prompt (P(Male | Mustache)), and the mean absolute gap; prompts
-    matched by too few training images are skipped;
+    matched by too few training images are skipped. Its sampling floor is the
+    gap that as many samples drawn from those training images would show on
+    average, so a small sample count is not mistaken for a model error;
   * interpolation: each strip moves one attribute between two real vectors, a
     random one without it and the nearest one with it, so the attributes the
     data ties to it move too (one hair colour replaces another) and the rest
@@ -22,6 +24,8 @@ here, reads the samples back with the attribute classifier and scores them:
     as in the first frame; single flip: the fraction of strips whose moved
     attribute reads absent, then present, changing once.
 """
+
+import math
 
 import numpy as np
 
@@ -149,6 +153,16 @@ def joint_ceiling(predicted, targets, prompts, informative):
   return float(np.mean(values)) if values else None
 
 
+def sampling_gap(n, p):
+  """E|k / n - p| for k ~ Binomial(n, p): the mean gap of n samples drawn at rate p."""
+  if p <= 0 or p >= 1:
+    return 0.0
+  k = np.arange(n + 1)
+  log_comb = np.array([math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) for j in k])
+  pmf = np.exp(log_comb + k * math.log(p) + (n - k) * math.log1p(-p))
+  return float((pmf * np.abs(k / n - p)).sum())
+
+
 def unspecified_rates(predicted, vectors, labels, informative, names, min_support):
   """Rates of unspecified attributes in samples vs in the training images matching the prompt.
 
@@ -158,10 +172,11 @@ def unspecified_rates(predicted, vectors, labels, informative, names, min_suppor
   informative attribute it leaves unspecified, the fraction of its samples read
   as present ('sampled') and of the matching training images labelled present
   ('train'). Prompts with fewer matches are skipped rather than reported as noise.
+  'sampling_floor' is the mean gap expected of samples drawn at the training rates.
   """
   prompts, which = np.unique(vectors, axis=0, return_inverse=True)
   which = which.reshape(-1)
-  report, gaps, skipped = {}, [], 0
+  report, gaps, floors, skipped = {}, [], [], 0
   for i, prompt in enumerate(prompts):
     free = informative & (prompt == 0)
     if not free.any():
@@ -173,6 +188,7 @@ def unspecified_rates(predicted, vectors, labels, informative, names, min_suppor
     sampled = (predicted[which == i][:, free] > 0).mean(0)
     train = (labels[match][:, free] > 0).mean(0)
     gaps.extend(np.abs(sampled - train))
+    floors.extend(sampling_gap(int((which == i).sum()), t) for t in train)
     report[_prompt_text(prompt, names)] = {
       'samples': int((which == i).sum()),
       'train_support': int(match.sum()),
@@ -184,6 +200,7 @@ def unspecified_rates(predicted, vectors, labels, informative, names, min_suppor
     }
   return {
     'mean_abs_gap': float(np.mean(gaps)) if gaps else None,
+    'sampling_floor': float(np.mean(floors)) if floors else None,
     'min_train_support': min_support,
     'num_prompts': len(report),
     'skipped_prompts': skipped,

@@ -40,7 +40,7 @@ def _composition_table(report):
   """Joint accuracy, unspecified-attribute gap and interpolation rows, with their notes."""
   lines = [
     '| run | guidance | joint acc. 2 attr. (ceiling) | joint acc. 3 attr. (ceiling) '
-    '| unspecified gap (prompts) | interp. identity kept | interp. single flip |',
+    '| unspecified gap (floor; prompts) | interp. identity kept | interp. single flip |',
     '|---|---:|---:|---:|---:|---:|---:|',
   ]
   for run in report['runs']:
@@ -54,7 +54,8 @@ def _composition_table(report):
         for k in map(str, COMBINED_SIZES)
       ]
       if unspecified:
-        cells.append(f'{_number(unspecified["mean_abs_gap"], 3)} ({unspecified["num_prompts"]})')
+        gap, floor = (_number(unspecified[k], 3) for k in ('mean_abs_gap', 'sampling_floor'))
+        cells.append(f'{gap} ({floor}; {unspecified["num_prompts"]})')
       else:
         cells.append('n/a')
       cells += [_number(strips and strips[k], 3) for k in ('identity_kept', 'single_flip')]
@@ -69,7 +70,8 @@ def _composition_table(report):
     'matching each prompt.',
     'Unspecified gap: mean |rate in the samples - rate in the training images matching the '
     f'prompt| of each attribute a single or combined prompt leaves unspecified, over prompts '
-    f'matched by at least {support} training images (prompts: how many).',
+    f'matched by at least {support} training images; floor: the gap expected of as many '
+    'samples drawn from those training images (prompts: how many).',
     'Interpolation: each strip moves one attribute between two real attribute vectors (one '
     'without it, the nearest with it); identity kept: frames after the first whose held '
     'attributes (those both ends share) read as in the first; single flip: strips whose '
