@@ -2,7 +2,7 @@
 
 It trains 1,000 steps on a full cosine schedule; `fdiff evaluate` compares it with
 the conditional model's step-1,000 checkpoint (`fdiff export --checkpoint-step 1000`),
-which is an eighth of the way through its own schedule, so the comparison favours the
+which is a fifteenth of the way through its own schedule, so the comparison favours the
 baseline (docs/synth_faces.md).
 """
 
