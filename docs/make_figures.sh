@@ -29,3 +29,14 @@ for method in inversion sdedit; do
     --out docs/faces_edit_$method.png
 done
 rm docs/faces_heldout.jpg
+# The first eight interpolation strips of `fdiff evaluate` at w = 3 (docs/synth_faces.md).
+STRIPS=runs/eval_faces/samples/synth-faces_w3_interp.png
+if [ -f $STRIPS ]; then
+  python -c "
+from PIL import Image
+im = Image.open('$STRIPS')
+top = im.crop((0, 0, im.width, 8 * 34 + 2))
+top.resize((2 * top.width, 2 * top.height), Image.NEAREST).save('docs/faces_eval_strips.png')"
+else
+  echo "skipped docs/faces_eval_strips.png: run the evaluation of docs/synth_faces.md first"
+fi
