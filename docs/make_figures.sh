@@ -35,7 +35,8 @@ if [ -f $STRIPS ]; then
   python -c "
 from PIL import Image
 im = Image.open('$STRIPS')
-top = im.crop((0, 0, im.width, 8 * 34 + 2))
+pitch = (im.width - 2) // 8  # A strip is a row of 8 frames, each with its 2-pixel gap.
+top = im.crop((0, 0, im.width, 8 * pitch + 2))
 top.resize((2 * top.width, 2 * top.height), Image.NEAREST).save('docs/faces_eval_strips.png')"
 else
   echo "skipped docs/faces_eval_strips.png: run the evaluation of docs/synth_faces.md first"

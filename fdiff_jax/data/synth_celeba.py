@@ -96,14 +96,15 @@ def _identity(seed) -> dict:
   )
 
 
-def _luminance(colour) -> float:
-  return 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+def luminance(rgb):
+  """Luminance (ITU-R BT.601) of an RGB colour or of an [..., 3] image."""
+  return np.asarray(rgb, np.float64) @ np.array([0.299, 0.587, 0.114])
 
 
 def _beard_colour(hair, skin) -> tuple:
   """`hair` darkened to at least 80 below the skin's luminance (or to near black)."""
-  target = max(_luminance(skin) - 80, 14)
-  k = min(1.0, target / max(_luminance(hair), 1.0))
+  target = max(luminance(skin) - 80, 14)
+  k = min(1.0, target / max(luminance(hair), 1.0))
   return tuple(int(c * k) for c in hair)
 
 

@@ -187,10 +187,11 @@ def unspecified_rates(predicted, vectors, labels, informative, names, min_suppor
       continue
     sampled = (predicted[which == i][:, free] > 0).mean(0)
     train = (labels[match][:, free] > 0).mean(0)
+    n = int((which == i).sum())
     gaps.extend(np.abs(sampled - train))
-    floors.extend(sampling_gap(int((which == i).sum()), t) for t in train)
+    floors.extend(sampling_gap(n, t) for t in train)
     report[_prompt_text(prompt, names)] = {
-      'samples': int((which == i).sum()),
+      'samples': n,
       'train_support': int(match.sum()),
       'mean_abs_gap': float(np.abs(sampled - train).mean()),
       'rates': {
